@@ -1,0 +1,27 @@
+"""hf_vl: landmark vision and vision-language architectures as first-class Hugging Face transformers models.
+
+Importing the package registers every hf_vl config, model, image processor and processor with transformers'
+Auto classes (``model_type = "hf_vl_<arch>"``), so ``AutoModel.from_pretrained(dir)`` and ``pipeline(...)`` work.
+"""
+
+from .modeling.configuration_hf_vl_vit import VIT_VARIANTS, HfVlVitConfig, vit_variant_config
+from .modeling.modeling_hf_vl_vit import HfVlVitForImageClassification, HfVlVitModel, HfVlVitPreTrainedModel
+from .processing.image_processing_hf_vl_vit import HfVlVitImageProcessor
+from .registry import ARCHITECTURES, get_architecture, register_all
+
+__version__ = "0.1.0"
+
+register_all()
+
+__all__ = [
+    "ARCHITECTURES",
+    "HfVlVitConfig",
+    "HfVlVitForImageClassification",
+    "HfVlVitImageProcessor",
+    "HfVlVitModel",
+    "HfVlVitPreTrainedModel",
+    "VIT_VARIANTS",
+    "get_architecture",
+    "register_all",
+    "vit_variant_config",
+]
