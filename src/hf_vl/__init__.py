@@ -7,6 +7,25 @@ Auto classes (``model_type = "hf_vl_<arch>"``), so ``AutoModel.from_pretrained(d
 from .modeling.configuration_hf_vl_vit import VIT_VARIANTS, HfVlVitConfig, vit_variant_config
 from .modeling.modeling_hf_vl_vit import HfVlVitForImageClassification, HfVlVitModel, HfVlVitPreTrainedModel
 from .processing.image_processing_hf_vl_vit import HfVlVitImageProcessor
+from .modeling.configuration_hf_vl_clip import (
+    CLIP_VARIANTS,
+    HfVlClipConfig,
+    HfVlClipTextConfig,
+    HfVlClipVisionConfig,
+    clip_variant_config,
+)
+from .modeling.modeling_hf_vl_clip import (
+    HfVlClipModel,
+    HfVlClipPreTrainedModel,
+    HfVlClipTextModel,
+    HfVlClipTextModelWithProjection,
+    HfVlClipVisionModel,
+    HfVlClipVisionModelWithProjection,
+)
+from .modeling.configuration_hf_vl_detr import DETR_VARIANTS, HfVlDetrConfig, detr_variant_config
+from .modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection, HfVlDetrModel, HfVlDetrPreTrainedModel
+from .modeling.modeling_hf_vl_detr_panoptic import HfVlDetrForSegmentation
+from .processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
 from .registry import ARCHITECTURES, get_architecture, register_all
 
 __version__ = "0.1.0"
@@ -24,4 +43,23 @@ __all__ = [
     "get_architecture",
     "register_all",
     "vit_variant_config",
+    "CLIP_VARIANTS",
+    "HfVlClipConfig",
+    "HfVlClipModel",
+    "HfVlClipPreTrainedModel",
+    "HfVlClipTextConfig",
+    "HfVlClipTextModel",
+    "HfVlClipTextModelWithProjection",
+    "HfVlClipVisionConfig",
+    "HfVlClipVisionModel",
+    "HfVlClipVisionModelWithProjection",
+    "clip_variant_config",
+    "DETR_VARIANTS",
+    "HfVlDetrConfig",
+    "HfVlDetrForObjectDetection",
+    "HfVlDetrForSegmentation",
+    "HfVlDetrImageProcessor",
+    "HfVlDetrModel",
+    "HfVlDetrPreTrainedModel",
+    "detr_variant_config",
 ]

@@ -18,7 +18,8 @@ def _convert(args: argparse.Namespace) -> int:
         output=args.output,
         progress=not args.no_progress,
     )
-    print(f"converted {args.arch} ({args.source}, {args.variant}) -> {args.output}")
+    variant = args.variant or "config read from the checkpoint"
+    print(f"converted {args.arch} ({args.source}, {variant}) -> {args.output}")
     return 0
 
 

@@ -14,6 +14,20 @@ import transformers
 from .modeling.configuration_hf_vl_vit import VIT_VARIANTS, HfVlVitConfig
 from .modeling.modeling_hf_vl_vit import HfVlVitForImageClassification, HfVlVitModel
 from .processing.image_processing_hf_vl_vit import HfVlVitImageProcessor
+from .modeling.configuration_hf_vl_clip import (
+    CLIP_VARIANTS,
+    HfVlClipConfig,
+    HfVlClipTextConfig,
+    HfVlClipVisionConfig,
+)
+from .modeling.modeling_hf_vl_clip import HfVlClipModel, HfVlClipTextModel, HfVlClipVisionModel
+from .processing.image_processing_hf_vl_clip import HfVlClipImageProcessor
+from .processing.processing_hf_vl_clip import HfVlClipProcessor
+from .processing.tokenization_hf_vl_clip import HfVlClipTokenizer
+from .modeling.configuration_hf_vl_detr import DETR_VARIANTS, HfVlDetrConfig
+from .modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection, HfVlDetrModel
+from .modeling.modeling_hf_vl_detr_panoptic import HfVlDetrForSegmentation
+from .processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +61,42 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
         image_processor_class=HfVlVitImageProcessor,
         variants=VIT_VARIANTS,
+    ),
+    "clip": Architecture(
+        name="clip",
+        config_class=HfVlClipConfig,
+        models={
+            "AutoModel": HfVlClipModel,
+            "AutoModelForZeroShotImageClassification": HfVlClipModel,
+        },
+        image_processor_class=HfVlClipImageProcessor,
+        processor_class=HfVlClipProcessor,
+        tokenizer_class=HfVlClipTokenizer,
+        variants=CLIP_VARIANTS,
+    ),
+    # CLIP's towers on their own (HfVlClipTextModel / HfVlClipVisionModel save their sub-config's model_type)
+    "clip_text": Architecture(
+        name="clip_text",
+        config_class=HfVlClipTextConfig,
+        models={"AutoModel": HfVlClipTextModel},
+        tokenizer_class=HfVlClipTokenizer,
+    ),
+    "clip_vision": Architecture(
+        name="clip_vision",
+        config_class=HfVlClipVisionConfig,
+        models={"AutoModel": HfVlClipVisionModel},
+        image_processor_class=HfVlClipImageProcessor,
+    ),
+    "detr": Architecture(
+        name="detr",
+        config_class=HfVlDetrConfig,
+        models={
+            "AutoModel": HfVlDetrModel,
+            "AutoModelForObjectDetection": HfVlDetrForObjectDetection,
+            "AutoModelForImageSegmentation": HfVlDetrForSegmentation,
+        },
+        image_processor_class=HfVlDetrImageProcessor,
+        variants=DETR_VARIANTS,
     ),
 }
 

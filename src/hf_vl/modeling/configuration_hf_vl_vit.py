@@ -26,6 +26,8 @@ class HfVlVitConfig(PreTrainedConfig):
         qkv_bias: bias on the q/k/v projections.
         pooling: ``"token"`` (class token, paper section 3.1) or ``"mean"`` (global average of patch tokens, the
             original's ``classifier="gap"``).
+        class_token: whether a class token is prepended (False for the original's ``gap`` models; timm's
+            ``global_pool="avg"`` models keep it).
         representation_size: width of the ``pre_logits`` layer (dense + ``pooler_act``) of the ImageNet-21k
             checkpoints; ``None`` when absent.
         pooler_act: activation of that layer (``tanh`` in the original).
@@ -49,6 +51,7 @@ class HfVlVitConfig(PreTrainedConfig):
         num_channels: int = 3,
         qkv_bias: bool = True,
         pooling: str = "token",
+        class_token: bool = True,
         representation_size: int | None = None,
         pooler_act: str = "tanh",
         **kwargs,
@@ -61,6 +64,8 @@ class HfVlVitConfig(PreTrainedConfig):
             raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
         if pooling not in _POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not supported; expected one of {_POOLINGS}")
+        if pooling == "token" and not class_token:
+            raise ValueError('pooling="token" needs class_token=True; use pooling="mean" without a class token')
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -75,6 +80,7 @@ class HfVlVitConfig(PreTrainedConfig):
         self.num_channels = num_channels
         self.qkv_bias = qkv_bias
         self.pooling = pooling
+        self.class_token = class_token
         self.representation_size = representation_size
         self.pooler_act = pooler_act
         super().__init__(**kwargs)

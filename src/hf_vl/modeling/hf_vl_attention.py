@@ -8,6 +8,10 @@ Why separate ``q_proj``/``k_proj``/``v_proj`` rather than one fused ``qkv``: sta
 separate layout is what transformers' own vision models use; converters split fused originals (timm ``attn.qkv``,
 CLIP ``in_proj_weight``). ``is_causal`` is always set explicitly because unmasked SDPA reads
 ``getattr(module, "is_causal", True)`` and would otherwise be silently causal (huggingface/transformers#48172).
+
+CPU inference fast path (:func:`.hf_vl_mlp.can_fuse_linear`): self-attention runs q/k/v as one GEMM against a
+concatenated weight cached outside the state dict (:class:`.hf_vl_mlp.HfVlFastLinearModule`), and ``out_proj``
+adds the caller's residual in its epilogue.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .hf_vl_mlp import HfVlFastLinearModule, can_fuse_linear, can_fuse_residual, fused_linear
 
 
 def eager_attention_forward(
@@ -50,7 +56,7 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
-class HfVlAttention(nn.Module):
+class HfVlAttention(HfVlFastLinearModule):
     """Multi-head attention with separate q/k/v/out projections.
 
     Args:
@@ -93,21 +99,45 @@ class HfVlAttention(nn.Module):
         self.v_proj = nn.Linear(kv_size, inner_dim, bias=bias)
         self.out_proj = nn.Linear(inner_dim, hidden_size)
 
+    def _qkv_params(self) -> tuple[torch.Tensor | None, ...]:
+        return tuple(p for proj in (self.q_proj, self.k_proj, self.v_proj) for p in (proj.weight, proj.bias))
+
+    def _project_qkv(
+        self, hidden_states: torch.Tensor, kv: torch.Tensor, fast: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """query, key, value as (batch, heads, len, head_dim)."""
+        batch, q_len = hidden_states.shape[:2]
+        if fast and kv is hidden_states:
+            qkv_weights = self.fast_weights("qkv", (self.q_proj, self.k_proj, self.v_proj), batch * q_len)
+            qkv = fused_linear(hidden_states, *qkv_weights)
+            # (batch, len, 3 * heads * head_dim) -> 3 x (batch, heads, len, head_dim), views of one GEMM output
+            return qkv.view(batch, q_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k_len = kv.shape[1]
+        projected = [
+            fused_linear(x, *self.fast_weights(name, (proj,), x.numel() // x.shape[-1])) if fast else proj(x)
+            for name, x, proj in (("q", hidden_states, self.q_proj), ("k", kv, self.k_proj), ("v", kv, self.v_proj))
+        ]
+        # (batch, len, heads * head_dim) -> (batch, heads, len, head_dim)
+        query = projected[0].view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        key = projected[1].view(batch, k_len, -1, self.head_dim).transpose(1, 2)
+        value = projected[2].view(batch, k_len, -1, self.head_dim).transpose(1, 2)
+        return query, key, value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states: (batch, q_len, hidden); key_value_states: (batch, k_len, kv_size) for cross-attention."""
+        """hidden_states: (batch, q_len, hidden); key_value_states: (batch, k_len, kv_size) for cross-attention;
+        residual: (batch, q_len, hidden), added to the output (fused into ``out_proj`` on the CPU fast path)."""
         kv = hidden_states if key_value_states is None else key_value_states
         batch, q_len = hidden_states.shape[:2]
-        k_len = kv.shape[1]
-        # (batch, len, heads * head_dim) -> (batch, heads, len, head_dim)
-        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(kv).view(batch, k_len, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(kv).view(batch, k_len, -1, self.head_dim).transpose(1, 2)
+        fast = can_fuse_linear(hidden_states, *self._qkv_params(), self.out_proj.weight, self.out_proj.bias)
+        fast = fast and (kv is hidden_states or can_fuse_linear(kv))
+        query, key, value = self._project_qkv(hidden_states, kv, fast)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -124,5 +154,12 @@ class HfVlAttention(nn.Module):
             **kwargs,
         )
         # (batch, q_len, heads, head_dim) -> (batch, q_len, heads * head_dim)
-        attn_output = attn_output.reshape(batch, q_len, -1).contiguous()
-        return self.out_proj(attn_output), attn_weights
+        attn_output = attn_output.reshape(batch, q_len, -1)
+        if fast:
+            weight, bias = self.fast_weights("out", (self.out_proj,), batch * q_len)
+            if can_fuse_residual(residual, attn_output, self.out_proj.out_features):
+                return fused_linear(attn_output, weight, bias, residual=residual), attn_weights
+            attn_output = fused_linear(attn_output, weight, bias)
+        else:
+            attn_output = self.out_proj(attn_output)
+        return (attn_output if residual is None else attn_output + residual), attn_weights

@@ -52,6 +52,12 @@ class HfVlPreNormLayer(GradientCheckpointingLayer):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
         """hidden_states: (batch, length, hidden). Returns the same shape."""
-        attn_output, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
-        hidden_states = hidden_states + self.dropout(attn_output)
-        return hidden_states + self.dropout(self.mlp(self.layer_norm2(hidden_states)))
+        if self.training and self.dropout.p > 0:
+            attn_output, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+            hidden_states = hidden_states + self.dropout(attn_output)
+            return hidden_states + self.dropout(self.mlp(self.layer_norm2(hidden_states)))
+        # no residual dropout: the sublayers add the residual themselves (in the GEMM epilogue on CPU inference)
+        hidden_states, _ = self.self_attn(
+            self.layer_norm1(hidden_states), attention_mask=attention_mask, residual=hidden_states, **kwargs
+        )
+        return self.mlp(self.layer_norm2(hidden_states), residual=hidden_states)

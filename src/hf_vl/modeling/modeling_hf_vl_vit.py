@@ -51,8 +51,12 @@ class HfVlVitEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, config.hidden_size))
+        # the original's classifier="gap" models have no class token (vit_jax/models_vit.py)
+        self.num_prefix_tokens = 1 if config.class_token else 0
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.class_token else None
+        self.position_embedding = nn.Parameter(
+            torch.zeros(1, num_patches + self.num_prefix_tokens, config.hidden_size)
+        )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
@@ -70,9 +74,12 @@ class HfVlVitEmbeddings(nn.Module):
             )
         # (batch, hidden, gh, gw) -> (batch, gh*gw, hidden)
         patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.expand(patches.shape[0], -1, -1)
-        position = interpolate_learned_position_embeddings(self.position_embedding, self.grid_size, new_grid)
-        return self.dropout(torch.cat([cls, patches], dim=1) + position)
+        position = interpolate_learned_position_embeddings(
+            self.position_embedding, self.grid_size, new_grid, num_prefix_tokens=self.num_prefix_tokens
+        )
+        if self.class_embedding is not None:
+            patches = torch.cat([self.class_embedding.expand(patches.shape[0], -1, -1), patches], dim=1)
+        return self.dropout(patches + position)
 
 
 class HfVlVitPooler(nn.Module):
@@ -81,6 +88,7 @@ class HfVlVitPooler(nn.Module):
     def __init__(self, config: HfVlVitConfig):
         super().__init__()
         self.pooling = config.pooling
+        self.num_prefix_tokens = 1 if config.class_token else 0
         if config.representation_size is not None:
             self.dense = nn.Linear(config.hidden_size, config.representation_size)
             self.activation = ACT2FN[config.pooler_act]
@@ -88,7 +96,10 @@ class HfVlVitPooler(nn.Module):
             self.dense = None
 
     def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
-        pooled = sequence_output[:, 0] if self.pooling == "token" else sequence_output[:, 1:].mean(dim=1)
+        if self.pooling == "token":
+            pooled = sequence_output[:, 0]
+        else:
+            pooled = sequence_output[:, self.num_prefix_tokens :].mean(dim=1)
         if self.dense is not None:
             pooled = self.activation(self.dense(pooled))
         return pooled
@@ -114,7 +125,8 @@ class HfVlVitPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, HfVlVitEmbeddings):
             init.trunc_normal_(module.position_embedding, mean=0.0, std=self.config.initializer_range)
-            init.trunc_normal_(module.class_embedding, mean=0.0, std=self.config.initializer_range)
+            if module.class_embedding is not None:
+                init.trunc_normal_(module.class_embedding, mean=0.0, std=self.config.initializer_range)
 
 
 class HfVlVitEncoder(nn.Module):
@@ -197,7 +209,10 @@ class HfVlVitForImageClassification(HfVlVitPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutput:
         r"""labels: (batch,) class indices (or (batch, num_labels) floats for multi-label / regression)."""
-        outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        # return_dict=True: the trunk's output is read by name even when config.return_dict is False
+        outputs = self.vit(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:

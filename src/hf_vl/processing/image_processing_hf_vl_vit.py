@@ -21,7 +21,7 @@ def validate_images(images, argument: str = "images") -> None:
     """Raise a clear TypeError / ValueError for anything that is not an image or a (nested) list of images.
 
     Accepted: PIL images of any mode, numpy arrays and torch tensors of shape (H, W), (H, W, C) or (C, H, W) with
-    C in {1, 3, 4}.
+    C in {1, 3, 4}, and 4-D batches of those, (B, H, W, C) or (B, C, H, W).
     """
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
@@ -34,6 +34,10 @@ def validate_images(images, argument: str = "images") -> None:
             raise ValueError(f"{argument} contains an empty image of size {images.size}")
         return
     if isinstance(images, (np.ndarray, torch.Tensor)):
+        if images.ndim == 4:
+            if images.shape[0] == 0:
+                raise ValueError(f"{argument} is an empty batch of shape {tuple(images.shape)}")
+            return validate_images(list(images), argument)
         shape = tuple(images.shape)
         ok = len(shape) == 2 or (
             len(shape) == 3 and (shape[0] in _NUMPY_CHANNELS or shape[-1] in _NUMPY_CHANNELS)
@@ -62,18 +66,35 @@ def to_rgb_tensor(image) -> torch.Tensor:
 
         image = load_image(image)
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    tensor = torch.as_tensor(image)
+        return torch.from_numpy(np.array(_pil_to_rgb(image))).permute(2, 0, 1)
+    # numpy images are channels-last by convention, torch images channels-first: that settles (3, 1, 3)-like shapes
+    channels_last = image.shape[-1] in _NUMPY_CHANNELS
+    if isinstance(image, torch.Tensor):
+        channels_last = channels_last and image.shape[0] not in _NUMPY_CHANNELS
+    else:
+        channels_last = channels_last or image.shape[0] not in _NUMPY_CHANNELS
+    tensor = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) else image  # copy: arrays may be read-only
     if tensor.ndim == 2:
         tensor = tensor[None]
-    elif tensor.shape[0] not in _NUMPY_CHANNELS or (tensor.shape[-1] in _NUMPY_CHANNELS and tensor.shape[0] > 4):
+    elif channels_last:
         tensor = tensor.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
     if tensor.shape[0] == 1:
         tensor = tensor.expand(3, -1, -1)
     return tensor[:3].contiguous()
 
 
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """``convert("RGB")``, except that 16-bit grayscale using more than 8 bits is scaled to 8 bits first (PIL would
+    clip it at 255); values within 0-255 are kept as they are, as PIL does when it widens L to I;16."""
+    if image.mode.startswith("I") and np.asarray(image).max(initial=0) > 255:
+        array = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def to_rgb_tensors(images):
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        images = list(images)  # a (B, ...) batch
     if isinstance(images, (list, tuple)):
         return [to_rgb_tensors(image) for image in images]
     return to_rgb_tensor(images)
@@ -100,6 +121,8 @@ class HfVlVitImageProcessor(TorchvisionBackend):
 
     def preprocess(self, images, *args, **kwargs):
         validate_images(images)
+        # to_rgb_tensors gives (3, H, W): say so, rather than let transformers guess on 1- or 3-pixel-wide images
+        kwargs["input_data_format"] = "channels_first"
         return super().preprocess(to_rgb_tensors(images), *args, **kwargs)
 
 

@@ -1,0 +1,28 @@
+"""`hf-vl quickstart` end to end (the README's main job), in its fast mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hf_vl.cli import build_parser
+from hf_vl.quickstart import run_quickstart
+
+
+@pytest.mark.slow
+def test_quickstart_fast(tmp_path, capsys):
+    summary = run_quickstart(tmp_path, fast=True)["vit"]
+    out = capsys.readouterr().out
+    assert "[vit]" in out and "quickstart done" in out
+    bundle = Path(summary["bundle"])
+    assert (bundle / "config.json").is_file() and (bundle / "model.safetensors").is_file()
+    assert any(path.name.startswith("modeling_hf_vl_vit") for path in bundle.glob("*.py"))
+    # the bundle reloaded through pipeline() must classify the held-out images as the trained model did
+    assert abs(summary["pipeline_heldout_accuracy"] - summary["trainer_heldout_accuracy"]) <= 0.02
+
+
+def test_quickstart_cli_arguments():
+    args = build_parser().parse_args(["quickstart", "--output", "somewhere", "--fast"])
+    assert args.output == "somewhere" and args.fast and args.func.__name__ == "_quickstart"
+    assert build_parser().parse_args(["quickstart"]).output == "hf_vl_quickstart"
