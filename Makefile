@@ -22,7 +22,8 @@ quickstart: $(STAMP)
 	$(VENV)/bin/hf-vl quickstart
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 TQDM_DISABLE=1 \
+	# two pytest workers with one thread each: two threads each would oversubscribe a 2-core machine
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 TQDM_DISABLE=1 OMP_NUM_THREADS=1 \
 		$(PY) -m pytest -n 2 --durations=25 -q
 
 bench: $(STAMP)

@@ -12,6 +12,7 @@ medians and the median of per-round ratios. ``ratio`` = reference time / hf_vl t
 ``max|d|`` is the largest difference of the normalised image and text embeddings to hf_vl's.
 
 Usage: ``python benchmarks/bench_clip.py [--quick] [--pairs N] [--variants ViT-B/32,RN50] [--cases fp32:1,bf16:8]``.
+A smoke test can call ``run(cases=(("fp32", 2),), pairs=1, warmup=0, build=build_tiny_models)``.
 """
 
 from __future__ import annotations
@@ -101,6 +102,27 @@ def build_models(variant: str = "ViT-B/32", open_clip_model: nn.Module | None = 
         transformers_model.load_state_dict(hf_vl_to_transformers(hf_vl.state_dict()), strict=True)
         models["transformers"] = transformers_model
     return models
+
+
+def build_tiny_models(variant: str = "ViT-B/32", seed: int = 0) -> dict[str, nn.Module]:
+    """Toy-size stand-ins for ``variant`` (same tower type, 2-layer width-32 towers), for a smoke test of ``run``."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    text_cfg = dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    if VARIANTS[variant].startswith("RN"):
+        # open_clip's attention pool has width * 32 / head_width heads: 256 / 64 = 4
+        vision_cfg = dict(layers=[1, 1, 1, 1], width=8, image_size=64, head_width=64)
+        vision = dict(vision_type="resnet", resnet_depths=[1, 1, 1, 1], resnet_width=8, num_attention_heads=4,
+                      image_size=64)
+    else:
+        vision_cfg = dict(layers=2, width=32, patch_size=8, image_size=32, head_width=8)
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      image_size=32, patch_size=8)
+    reference = open_clip.model.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True)
+    config = HfVlClipConfig(projection_dim=16, text_config=text, vision_config=vision)
+    return build_models(variant, reference, config, seed)
 
 
 # ----------------------------------------------------------------------------------------------- inputs

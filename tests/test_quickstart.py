@@ -12,14 +12,18 @@ from hf_vl.quickstart import run_quickstart
 
 @pytest.mark.slow
 def test_quickstart_fast(tmp_path, capsys):
-    summary = run_quickstart(tmp_path, fast=True)["vit"]
+    summaries = run_quickstart(tmp_path, fast=True)
+    summary = summaries["vit"]
     out = capsys.readouterr().out
-    assert "[vit]" in out and "quickstart done" in out
+    assert "[vit]" in out and "[clip]" in out and "quickstart done" in out
     bundle = Path(summary["bundle"])
     assert (bundle / "config.json").is_file() and (bundle / "model.safetensors").is_file()
     assert any(path.name.startswith("modeling_hf_vl_vit") for path in bundle.glob("*.py"))
     # the bundle reloaded through pipeline() must classify the held-out images as the trained model did
     assert abs(summary["pipeline_heldout_accuracy"] - summary["trainer_heldout_accuracy"]) <= 0.02
+    clip = summaries["clip"]
+    assert (Path(clip["bundle"]) / "config.json").is_file()
+    assert 0.0 <= clip["pipeline_heldout_accuracy"] <= 1.0
 
 
 def test_quickstart_cli_arguments():

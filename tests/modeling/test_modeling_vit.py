@@ -339,3 +339,24 @@ def test_variant_overrides_and_unknown_name():
     assert config.hidden_act == "gelu_pytorch_tanh" and config.num_labels == 7
     with pytest.raises(ValueError, match="unknown ViT variant"):
         vit_variant_config("vit-gigantic")
+
+
+def test_gap_model_without_class_token():
+    # the original's classifier="gap" models: no class token, mean of the patch tokens
+    model = _model(HfVlVitForImageClassification, pooling="mean", class_token=False)
+    assert model.vit.embeddings.class_embedding is None
+    assert "vit.embeddings.class_embedding" not in model.state_dict()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = model.vit(pixel_values)
+        logits = model(pixel_values).logits
+    assert outputs.last_hidden_state.shape == (2, 8 * 8, 32)  # (batch, patches only, hidden)
+    torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state.mean(dim=1))
+    torch.testing.assert_close(logits, model.classifier(outputs.pooler_output))
+    with torch.no_grad():  # interpolation with no prefix token
+        assert model.vit(torch.randn(1, 3, 48, 40), interpolate_pos_encoding=True).last_hidden_state.shape[1] == 120
+
+
+def test_token_pooling_needs_a_class_token():
+    with pytest.raises(ValueError, match="class_token"):
+        tiny_vit_config(pooling="token", class_token=False)

@@ -220,7 +220,12 @@ def shapes_features(task: str = "detection") -> datasets.Features:
     colour_label = datasets.ClassLabel(names=list(COLOUR_NAMES))
     if task == "classification":
         return datasets.Features(
-            {"image": datasets.Image(), "label": shape_label, "colour": colour_label, "caption": datasets.Value("string")}
+            {
+                "image": datasets.Image(),
+                "label": shape_label,
+                "colour": colour_label,
+                "caption": datasets.Value("string"),
+            }
         )
     objects = {
         "id": datasets.Value("int32"),

@@ -103,11 +103,11 @@ class HfVlAttention(HfVlFastLinearModule):
         return tuple(p for proj in (self.q_proj, self.k_proj, self.v_proj) for p in (proj.weight, proj.bias))
 
     def _project_qkv(
-        self, hidden_states: torch.Tensor, kv: torch.Tensor, fast: bool
+        self, hidden_states: torch.Tensor, kv: torch.Tensor, keys_in: torch.Tensor, fast: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """query, key, value as (batch, heads, len, head_dim)."""
+        """query, key, value as (batch, heads, len, head_dim); keys from ``keys_in``, values from ``kv``."""
         batch, q_len = hidden_states.shape[:2]
-        if fast and kv is hidden_states:
+        if fast and kv is hidden_states and keys_in is hidden_states:
             qkv_weights = self.fast_weights("qkv", (self.q_proj, self.k_proj, self.v_proj), batch * q_len)
             qkv = fused_linear(hidden_states, *qkv_weights)
             # (batch, len, 3 * heads * head_dim) -> 3 x (batch, heads, len, head_dim), views of one GEMM output
@@ -115,7 +115,11 @@ class HfVlAttention(HfVlFastLinearModule):
         k_len = kv.shape[1]
         projected = [
             fused_linear(x, *self.fast_weights(name, (proj,), x.numel() // x.shape[-1])) if fast else proj(x)
-            for name, x, proj in (("q", hidden_states, self.q_proj), ("k", kv, self.k_proj), ("v", kv, self.v_proj))
+            for name, x, proj in (
+                ("q", hidden_states, self.q_proj),
+                ("k", keys_in, self.k_proj),
+                ("v", kv, self.v_proj),
+            )
         ]
         # (batch, len, heads * head_dim) -> (batch, heads, len, head_dim)
         query = projected[0].view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -129,15 +133,19 @@ class HfVlAttention(HfVlFastLinearModule):
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
+        key_states: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: (batch, q_len, hidden); key_value_states: (batch, k_len, kv_size) for cross-attention;
-        residual: (batch, q_len, hidden), added to the output (fused into ``out_proj`` on the CPU fast path)."""
+        residual: (batch, q_len, hidden), added to the output (fused into ``out_proj`` on the CPU fast path);
+        key_states: (batch, k_len, kv_size) input of ``k_proj`` when it differs from the values' input (DETR adds
+        positional encodings to queries and keys, never to values)."""
         kv = hidden_states if key_value_states is None else key_value_states
+        keys_in = kv if key_states is None else key_states
         batch, q_len = hidden_states.shape[:2]
         fast = can_fuse_linear(hidden_states, *self._qkv_params(), self.out_proj.weight, self.out_proj.bias)
-        fast = fast and (kv is hidden_states or can_fuse_linear(kv))
-        query, key, value = self._project_qkv(hidden_states, kv, fast)
+        fast = fast and all(x is hidden_states or can_fuse_linear(x) for x in (kv, keys_in))
+        query, key, value = self._project_qkv(hidden_states, kv, keys_in, fast)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -18,7 +18,6 @@ Deviations from the original:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +25,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_hf_vl_detr import HfVlDetrConfig
-from .hf_vl_attention import eager_attention_forward
+from .hf_vl_attention import HfVlAttention
 from .hf_vl_detection_loss import HfVlDetrSetCriterion
 from .hf_vl_embeddings import sine_position_embedding_2d
 from .hf_vl_matcher import HfVlHungarianMatcher
@@ -86,60 +84,10 @@ class HfVlDetrObjectDetectionOutput(ModelOutput):
     cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class HfVlDetrAttention(nn.Module):
-    """Multi-head attention whose keys can come from another input than values (DETR adds positions to keys only).
-
-    Same projections and dispatch as ``HfVlAttention``; ``key_states`` is the one addition (see module docstring).
-    """
-
-    def __init__(self, config: HfVlDetrConfig):
-        super().__init__()
-        self.config = config
-        hidden_size = config.hidden_size
-        self.head_dim = hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.dropout = config.attention_dropout
-        self.is_causal = False  # unmasked SDPA would otherwise read is_causal=True (huggingface/transformers#48172)
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        key_states: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states: (batch, q_len, hidden) -> queries; key_states (default ``key_value_states``) -> keys;
-        key_value_states (default ``hidden_states``) -> values, all (batch, k_len, hidden)."""
-        values_in = hidden_states if key_value_states is None else key_value_states
-        keys_in = values_in if key_states is None else key_states
-        batch, q_len = hidden_states.shape[:2]
-        k_len = values_in.shape[1]
-        # (batch, len, heads * head_dim) -> (batch, heads, len, head_dim)
-        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(keys_in).view(batch, k_len, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(values_in).view(batch, k_len, -1, self.head_dim).transpose(1, 2)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=False,
-            **kwargs,
-        )
-        # (batch, q_len, heads, head_dim) -> (batch, q_len, hidden)
-        attn_output = attn_output.reshape(batch, q_len, -1).contiguous()
-        return self.out_proj(attn_output), attn_weights
+def _attention(config: HfVlDetrConfig) -> HfVlAttention:
+    """DETR's self- and cross-attention: the shared attention; positions go to queries and keys only, through
+    ``key_states`` (models/transformer.py in facebookresearch/detr)."""
+    return HfVlAttention(config, config.hidden_size, config.num_attention_heads, dropout=config.attention_dropout)
 
 
 class HfVlDetrEncoderLayer(GradientCheckpointingLayer):
@@ -147,7 +95,7 @@ class HfVlDetrEncoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: HfVlDetrConfig):
         super().__init__()
-        self.self_attn = HfVlDetrAttention(config)
+        self.self_attn = _attention(config)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = HfVlMlp(config.hidden_size, config.intermediate_size, config.hidden_act, config.activation_dropout)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -169,9 +117,9 @@ class HfVlDetrDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: HfVlDetrConfig):
         super().__init__()
-        self.self_attn = HfVlDetrAttention(config)
+        self.self_attn = _attention(config)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.cross_attn = HfVlDetrAttention(config)
+        self.cross_attn = _attention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = HfVlMlp(config.hidden_size, config.intermediate_size, config.hidden_act, config.activation_dropout)
         self.layer_norm3 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -253,7 +201,7 @@ class HfVlDetrPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         # children are initialised before their parents, so these override the generic normal init above
-        if isinstance(module, (HfVlDetrAttention, HfVlMlp)):
+        if isinstance(module, (HfVlAttention, HfVlMlp)):
             # the original's Transformer._reset_parameters: Xavier-uniform on every matrix
             for linear in module.children():
                 if isinstance(linear, nn.Linear):

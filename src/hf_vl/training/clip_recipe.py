@@ -199,6 +199,17 @@ def _shapes(split: str, num_images: int, seed: int, recipe: dict):
                        image_size=recipe["data"]["image_size"])
 
 
+def _evaluate(trainer: Trainer, processor, entry: dict, num_eval: int, seed: int) -> dict:
+    """Contrastive loss on the test split, zero-shot accuracies on the test (seen pairs) and heldout splits."""
+    test = _shapes("test", num_eval, seed, entry)
+    metrics = trainer.evaluate(test, metric_key_prefix="eval")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for split, dataset in (("test", test), ("heldout", _shapes("heldout", num_eval, seed, entry))):
+        scores = shapes_zero_shot_accuracy(model, processor, dataset, entry["template"])
+        metrics.update({f"{split}_{key}": value for key, value in scores.items()})
+    return metrics
+
+
 def train_clip_shapes(
     output_dir,
     num_train: int | None = None,
@@ -245,13 +256,7 @@ def train_clip_shapes(
     )
     train_output = trainer.train()
     metrics = {"train_runtime": train_output.metrics["train_runtime"], "train_loss": train_output.training_loss,
-               "world_size": args.world_size}
-    test = _shapes("test", num_eval, seed, entry)
-    metrics.update(trainer.evaluate(test, metric_key_prefix="eval"))
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    for split, dataset in (("test", test), ("heldout", _shapes("heldout", num_eval, seed, entry))):
-        scores = shapes_zero_shot_accuracy(unwrapped, processor, dataset, entry["template"])
-        metrics.update({f"{split}_{key}": value for key, value in scores.items()})
+               "world_size": args.world_size, **_evaluate(trainer, processor, entry, num_eval, seed)}
     trainer.save_model(str(output_dir))  # model + processor (processing_class), on the main process only
     logger.info("CLIP shapes recipe: %s", metrics)
     return metrics, output_dir

@@ -36,3 +36,19 @@ def classification_compute_metrics(metric=None) -> Callable[[EvalPrediction], di
 
 
 __all__ = ["classification_compute_metrics"]
+
+
+def coco_map_metric(**kwargs):
+    """The shipped COCO box mAP metric (``data/metrics/hf_vl_coco_map``, pycocotools), loaded offline and in memory.
+
+    ``compute(predictions=[{"boxes", "scores", "labels"}], references=[{"boxes", "labels"}], box_format="xyxy")``
+    per image; returns ``map``, ``map_50``, ``map_75``, ... (COCOeval's 12 summary numbers).
+    """
+    import evaluate
+
+    from ..data.metrics import METRICS_DIR
+
+    kwargs.setdefault("keep_in_memory", True)
+    return evaluate.load(str(METRICS_DIR / "hf_vl_coco_map"), **kwargs)
+
+__all__ += ["coco_map_metric"]

@@ -99,8 +99,8 @@ def training_arguments(output_dir, seed: int, **overrides) -> TrainingArguments:
 def build_trainer(
     model, image_processor, args, train_dataset, trainer_class=Trainer, callbacks=None, random_flips=()
 ) -> Trainer:
-    """A Trainer over a ``with_pixel_values`` dataset; ``trainer.data_collator`` flips if ``random_flips``
-    (swap in ``ImageClassificationCollator()`` before evaluating)."""
+    """A Trainer over a dataset of images or ``with_pixel_values`` rows; its collator flips if ``random_flips``
+    (``_evaluate`` swaps in one without flips)."""
     return trainer_class(
         model=model,
         args=args,
@@ -141,19 +141,16 @@ def train_vit_shapes(
     num_eval = data["num_eval"] if num_eval is None else num_eval
     epochs = hyper["epochs"] if epochs is None else epochs
     batch_size = hyper["batch_size"] if batch_size is None else batch_size
-    for name, value in (("num_train", num_train), ("num_eval", num_eval), ("epochs", epochs), ("batch_size", batch_size)):
+    sizes = {"num_train": num_train, "num_eval": num_eval, "epochs": epochs, "batch_size": batch_size}
+    for name, value in sizes.items():
         _check_positive(name, value)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if batch_size % world_size:
-        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
-    output_dir = Path(output_dir)
     model, processor = build_vit_for_shapes(recipe, seed)
     args = training_arguments(
         output_dir,
         seed,
         num_train_epochs=epochs,
         max_steps=max_steps,
-        per_device_train_batch_size=batch_size // world_size,
+        per_device_train_batch_size=_per_device(batch_size, "batch_size"),
         per_device_eval_batch_size=256,
         learning_rate=hyper["learning_rate"] if learning_rate is None else learning_rate,
         weight_decay=hyper["weight_decay"],
@@ -165,18 +162,29 @@ def train_vit_shapes(
     train = with_pixel_values(load_shapes("train", num_images=num_train, **shapes), processor)
     trainer = build_trainer(model, processor, args, train, random_flips=hyper["random_flips"])
     train_output = trainer.train()
-    trainer.data_collator = ImageClassificationCollator(processor)  # evaluation without random flips
-    metrics = {
-        "train_runtime": train_output.metrics["train_runtime"],
-        "train_loss": train_output.training_loss,
-        "world_size": args.world_size,
-    }
+    metrics = {"train_runtime": train_output.metrics["train_runtime"], "train_loss": train_output.training_loss}
+    metrics.update(_evaluate(trainer, processor, num_eval, shapes), world_size=args.world_size)
+    trainer.save_model(str(output_dir))  # model + image processor, on the main process only
+    logger.info("ViT shapes recipe: %s", metrics)
+    return metrics, Path(output_dir)
+
+
+def _per_device(global_batch: int, name: str, grad_accum: int = 1) -> int:
+    """Split a global batch over processes (and accumulation steps): 1 and N processes see the same batches."""
+    parts = int(os.environ.get("WORLD_SIZE", "1")) * grad_accum
+    if global_batch % parts:
+        raise ValueError(f"{name}={global_batch} must be divisible by world_size * grad_accum = {parts}")
+    return global_batch // parts
+
+
+def _evaluate(trainer: Trainer, processor, num_eval: int, shapes: dict) -> dict:
+    """``test_*`` (seen colour-shape pairs) and ``heldout_*`` (unseen pairs) metrics, without random flips."""
+    trainer.data_collator = ImageClassificationCollator(processor)
+    metrics = {}
     for split in ("test", "heldout"):
         evaluation = with_pixel_values(load_shapes(split, num_images=num_eval, **shapes), processor)
         metrics.update(trainer.evaluate(evaluation, metric_key_prefix=split))
-    trainer.save_model(str(output_dir))  # model + image processor, on the main process only
-    logger.info("ViT shapes recipe: %s", metrics)
-    return metrics, output_dir
+    return metrics
 
 
 def one_step_gradients(
@@ -196,17 +204,13 @@ def one_step_gradients(
     """
     _check_positive("global_batch", global_batch)
     _check_positive("grad_accum", grad_accum)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if global_batch % (world_size * grad_accum):
-        raise ValueError(
-            f"global_batch={global_batch} must be divisible by world_size * grad_accum = {world_size * grad_accum}"
-        )
+    per_device = _per_device(global_batch, "global_batch", grad_accum)
     model, processor = build_vit_for_shapes(recipe, seed)
     args = training_arguments(
         output_dir,
         seed,
         max_steps=1,
-        per_device_train_batch_size=global_batch // (world_size * grad_accum),
+        per_device_train_batch_size=per_device,
         gradient_accumulation_steps=grad_accum,
         optim="sgd",
         learning_rate=1e-3,

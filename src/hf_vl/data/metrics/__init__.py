@@ -12,7 +12,7 @@ import evaluate
 
 METRICS_DIR = Path(__file__).resolve().parent
 # public name -> folder name
-METRICS = {"accuracy": "hf_vl_accuracy"}
+METRICS = {"accuracy": "hf_vl_accuracy", "coco_map": "hf_vl_coco_map"}
 
 
 def metric_path(name: str) -> Path:
