@@ -15,6 +15,16 @@ _LAZY = {
     "build_vit_for_shapes": "vit_recipe",
     "one_step_gradients": "vit_recipe",
     "train_vit_shapes": "vit_recipe",
+    "CLIP_RECIPES": "clip_recipe",
+    "ContrastiveCollator": "clip_recipe",
+    "build_clip_for_shapes": "clip_recipe",
+    "clip_one_step_gradients": "clip_recipe",
+    "shapes_zero_shot_accuracy": "clip_recipe",
+    "train_clip_shapes": "clip_recipe",
+    "DETR_RECIPES": "detr_recipe",
+    "DetrEvaluationTrainer": "detr_recipe",
+    "build_detr_for_shapes": "detr_recipe",
+    "train_detr_shapes": "detr_recipe",
 }
 
 
@@ -24,15 +34,11 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
+__all__ = [*_LAZY] + [
     "GradientCaptureCallback",
     "ImageClassificationCollator",
     "LossRecordingTrainer",
     "ShapesDetectionCollator",
-    "VIT_RECIPES",
-    "build_vit_for_shapes",
     "classification_compute_metrics",
-    "one_step_gradients",
-    "train_vit_shapes",
     "with_pixel_values",
 ]
