@@ -32,6 +32,7 @@ from ..modeling.modeling_hf_vl_clip import HfVlClipModel
 from ..processing.image_processing_hf_vl_clip import HfVlClipImageProcessor
 from ..processing.processing_hf_vl_clip import HfVlClipProcessor
 from ..processing.tokenization_hf_vl_clip import load_clip_tokenizer
+from .recipe_utils import check_positive, lookup_recipe
 from .probes import GradientCaptureCallback, LossRecordingTrainer
 
 logger = logging.getLogger(__name__)
@@ -73,9 +74,7 @@ CLIP_RECIPES: dict[str, dict] = {
 
 
 def get_recipe(name: str) -> dict:
-    if name not in CLIP_RECIPES:
-        raise ValueError(f"recipe={name!r} is unknown; expected one of {sorted(CLIP_RECIPES)}")
-    return CLIP_RECIPES[name]
+    return lookup_recipe(CLIP_RECIPES, name)
 
 
 def build_clip_for_shapes(recipe: str = "clip-shapes-rn", seed: int = 0) -> tuple[HfVlClipModel, HfVlClipProcessor]:
@@ -189,11 +188,6 @@ def training_arguments(output_dir, seed: int, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _shapes(split: str, num_images: int, seed: int, recipe: dict):
     return load_shapes(split, num_images=num_images, task="classification", seed=seed,
                        image_size=recipe["data"]["image_size"])
@@ -237,7 +231,7 @@ def train_clip_shapes(
     batch_size = hyper["batch_size"] if batch_size is None else batch_size
     sizes = {"num_train": num_train, "num_eval": num_eval, "epochs": epochs, "batch_size": batch_size}
     for name, value in sizes.items():
-        _check_positive(name, value)
+        check_positive(name, value)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size % world_size:
         raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
@@ -273,7 +267,7 @@ def clip_one_step_gradients(
     and is not offered here; more processes are, thanks to the gathered loss. Returns ``{"loss": mean of the
     per-process losses (= the global-batch loss), "gradients": {name: tensor}, "world_size": int}``.
     """
-    _check_positive("global_batch", global_batch)
+    check_positive("global_batch", global_batch)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if global_batch % world_size:
         raise ValueError(f"global_batch={global_batch} must be divisible by world_size={world_size}")

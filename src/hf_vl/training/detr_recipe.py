@@ -34,6 +34,7 @@ from ..modeling.configuration_hf_vl_detr import HfVlDetrConfig
 from ..modeling.hf_vl_resnet import HfVlFrozenBatchNorm2d
 from ..modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection
 from ..processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
+from .recipe_utils import check_positive, lookup_recipe
 from .collators import with_pixel_values
 from .metrics import coco_map_metric
 
@@ -69,9 +70,7 @@ DETR_RECIPES: dict[str, dict] = {
 
 
 def get_recipe(name: str) -> dict:
-    if name not in DETR_RECIPES:
-        raise ValueError(f"recipe={name!r} is unknown; expected one of {sorted(DETR_RECIPES)}")
-    return DETR_RECIPES[name]
+    return lookup_recipe(DETR_RECIPES, name)
 
 
 def build_detr_for_shapes(recipe: str = "detr-shapes-tiny", seed: int = 0, **config_overrides):
@@ -269,11 +268,6 @@ def build_trainer(model, image_processor, args, train_dataset=None, eval_dataset
     )
 
 
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _settings(recipe: str, num_train, num_eval, batch_size, epochs) -> tuple:
     """The recipe's defaults for the arguments left as None, validated; batch_size must split over processes."""
     data, hyper = get_recipe(recipe)["data"], get_recipe(recipe)["training"]
@@ -282,7 +276,7 @@ def _settings(recipe: str, num_train, num_eval, batch_size, epochs) -> tuple:
     batch_size = hyper["batch_size"] if batch_size is None else batch_size
     epochs = hyper["epochs"] if epochs is None else epochs
     for name, value in (("num_train", num_train), ("num_eval", num_eval), ("batch_size", batch_size)):
-        _check_positive(name, value)
+        check_positive(name, value)
     if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or epochs <= 0:
         raise ValueError(f"epochs must be a positive number, got {epochs!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -25,6 +25,7 @@ from ..data.shapes import SHAPES_CLASS_NAMES, load_shapes
 from ..modeling.configuration_hf_vl_vit import HfVlVitConfig
 from ..modeling.modeling_hf_vl_vit import HfVlVitForImageClassification
 from ..processing.image_processing_hf_vl_vit import HfVlVitImageProcessor
+from .recipe_utils import check_positive, lookup_recipe
 from .collators import ImageClassificationCollator, with_pixel_values
 from .metrics import classification_compute_metrics
 from .probes import GradientCaptureCallback, LossRecordingTrainer
@@ -60,9 +61,7 @@ VIT_RECIPES: dict[str, dict] = {
 
 
 def get_recipe(name: str) -> dict:
-    if name not in VIT_RECIPES:
-        raise ValueError(f"recipe={name!r} is unknown; expected one of {sorted(VIT_RECIPES)}")
-    return VIT_RECIPES[name]
+    return lookup_recipe(VIT_RECIPES, name)
 
 
 def build_vit_for_shapes(recipe: str = "vit-shapes-tiny", seed: int = 0):
@@ -112,11 +111,6 @@ def build_trainer(
     )
 
 
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def train_vit_shapes(
     output_dir,
     num_train: int | None = None,
@@ -143,7 +137,7 @@ def train_vit_shapes(
     batch_size = hyper["batch_size"] if batch_size is None else batch_size
     sizes = {"num_train": num_train, "num_eval": num_eval, "epochs": epochs, "batch_size": batch_size}
     for name, value in sizes.items():
-        _check_positive(name, value)
+        check_positive(name, value)
     model, processor = build_vit_for_shapes(recipe, seed)
     args = training_arguments(
         output_dir,
@@ -202,8 +196,8 @@ def one_step_gradients(
     per-example gradients. Returns ``{"loss": mean loss over the global batch, "gradients": {name: tensor},
     "world_size": int, "grad_accum": int}`` on every process.
     """
-    _check_positive("global_batch", global_batch)
-    _check_positive("grad_accum", grad_accum)
+    check_positive("global_batch", global_batch)
+    check_positive("grad_accum", grad_accum)
     per_device = _per_device(global_batch, "global_batch", grad_accum)
     model, processor = build_vit_for_shapes(recipe, seed)
     args = training_arguments(

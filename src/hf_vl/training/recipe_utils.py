@@ -1,0 +1,16 @@
+"""Helpers shared by the Trainer recipes (``vit_recipe``, ``clip_recipe``, ``detr_recipe``)."""
+
+from __future__ import annotations
+
+
+def check_positive(name: str, value) -> None:
+    """A clear error for a recipe argument that must be a positive integer (bools rejected)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def lookup_recipe(recipes: dict[str, dict], name: str) -> dict:
+    """``recipes[name]``, or a ValueError listing the known recipe names."""
+    if name not in recipes:
+        raise ValueError(f"recipe={name!r} is unknown; expected one of {sorted(recipes)}")
+    return recipes[name]
