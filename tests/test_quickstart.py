@@ -24,9 +24,13 @@ def test_quickstart_fast(tmp_path, capsys):
     clip = summaries["clip"]
     assert (Path(clip["bundle"]) / "config.json").is_file()
     assert 0.0 <= clip["pipeline_heldout_accuracy"] <= 1.0
+    sam = summaries["sam"]
+    assert "[sam]" in out and (Path(sam["bundle"]) / "config.json").is_file()
+    assert sam["photo_masks"] > 0 and Path(sam["photo_overlay"]).is_file()
 
 
 def test_quickstart_cli_arguments():
     args = build_parser().parse_args(["quickstart", "--output", "somewhere", "--fast"])
     assert args.output == "somewhere" and args.fast and args.func.__name__ == "_quickstart"
     assert build_parser().parse_args(["quickstart"]).output == "hf_vl_quickstart"
+    assert build_parser().parse_args(["quickstart", "--sam-checkpoint", "sam.pth"]).sam_checkpoint == "sam.pth"

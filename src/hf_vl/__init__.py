@@ -26,6 +26,17 @@ from .modeling.configuration_hf_vl_detr import DETR_VARIANTS, HfVlDetrConfig, de
 from .modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection, HfVlDetrModel, HfVlDetrPreTrainedModel
 from .modeling.modeling_hf_vl_detr_panoptic import HfVlDetrForSegmentation
 from .processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
+from .modeling.configuration_hf_vl_sam import (
+    SAM_VARIANTS,
+    HfVlSamConfig,
+    HfVlSamMaskDecoderConfig,
+    HfVlSamPromptEncoderConfig,
+    HfVlSamVisionConfig,
+    sam_variant_config,
+)
+from .modeling.modeling_hf_vl_sam import HfVlSamModel, HfVlSamOutput, HfVlSamPreTrainedModel
+from .processing.image_processing_hf_vl_sam import HfVlSamImageProcessor
+from .processing.processing_hf_vl_sam import HfVlSamProcessor
 from .registry import ARCHITECTURES, get_architecture, register_all
 
 __version__ = "0.1.0"
@@ -62,4 +73,15 @@ __all__ = [
     "HfVlDetrModel",
     "HfVlDetrPreTrainedModel",
     "detr_variant_config",
+    "SAM_VARIANTS",
+    "HfVlSamConfig",
+    "HfVlSamImageProcessor",
+    "HfVlSamMaskDecoderConfig",
+    "HfVlSamModel",
+    "HfVlSamOutput",
+    "HfVlSamPreTrainedModel",
+    "HfVlSamProcessor",
+    "HfVlSamPromptEncoderConfig",
+    "HfVlSamVisionConfig",
+    "sam_variant_config",
 ]

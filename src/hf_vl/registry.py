@@ -28,6 +28,10 @@ from .modeling.configuration_hf_vl_detr import DETR_VARIANTS, HfVlDetrConfig
 from .modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection, HfVlDetrModel
 from .modeling.modeling_hf_vl_detr_panoptic import HfVlDetrForSegmentation
 from .processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
+from .modeling.configuration_hf_vl_sam import SAM_VARIANTS, HfVlSamConfig
+from .modeling.modeling_hf_vl_sam import HfVlSamModel
+from .processing.image_processing_hf_vl_sam import HfVlSamImageProcessor
+from .processing.processing_hf_vl_sam import HfVlSamProcessor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
         image_processor_class=HfVlDetrImageProcessor,
         variants=DETR_VARIANTS,
+    ),
+    "sam": Architecture(
+        name="sam",
+        config_class=HfVlSamConfig,
+        models={"AutoModel": HfVlSamModel, "AutoModelForMaskGeneration": HfVlSamModel},
+        image_processor_class=HfVlSamImageProcessor,
+        processor_class=HfVlSamProcessor,
+        variants=SAM_VARIANTS,
     ),
 }
 

@@ -20,13 +20,16 @@ import torch
 from ..registry import Architecture, get_architecture
 from .convert_hf_vl_clip import CLIP_CONVERSION
 from .convert_hf_vl_detr import DETR_CONVERSION
+from .convert_hf_vl_sam import SAM_CONVERSION
 from .convert_hf_vl_vit import VIT_CONVERSION
 from .rules import convert_state_dict
 from .spec import ConversionSpec, Source, VariantRow
 
 logger = logging.getLogger(__name__)
 
-CONVERSIONS: dict[str, ConversionSpec] = {spec.arch: spec for spec in (VIT_CONVERSION, CLIP_CONVERSION, DETR_CONVERSION)}
+CONVERSIONS: dict[str, ConversionSpec] = {
+    spec.arch: spec for spec in (VIT_CONVERSION, CLIP_CONVERSION, DETR_CONVERSION, SAM_CONVERSION)
+}
 
 
 def register_conversion(spec: ConversionSpec, exist_ok: bool = False) -> None:

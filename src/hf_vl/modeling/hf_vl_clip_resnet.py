@@ -11,6 +11,13 @@ Three changes to the torchvision ResNet-50 (He et al. 2016):
 
 Named submodules replace the original's ``nn.Sequential`` indices (``downsample.0/1`` -> ``downsample.conv/bn``);
 the pooling's projections are HfVlAttention's ``q_proj``/``k_proj``/``v_proj``/``out_proj`` (original ``c_proj``).
+
+CPU inference fast path (eval mode, no gradients, eager CPU fp32/bf16, see :func:`.hf_vl_resnet.can_fuse_conv`):
+the tower runs channels-last (oneDNN's native layout: no reorder around each convolution, and the average pools
+vectorise over channels), every BatchNorm is folded into its convolution and the ReLU and residual addition run as
+the convolution's oneDNN post-ops (:func:`.hf_vl_resnet.conv_norm`, shared with DETR's trunk). The folded weights are
+cached on the convolutions outside the state dict; training, autograd, ``torch.compile`` and CUDA take the plain
+modules.
 """
 
 from __future__ import annotations
@@ -22,8 +29,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .configuration_hf_vl_clip import HfVlClipVisionConfig
 from .hf_vl_attention import HfVlAttention
 from .hf_vl_embeddings import interpolate_learned_position_embeddings
+from .hf_vl_resnet import can_fuse_conv, conv_norm
 
 EXPANSION = 4  # Bottleneck output channels = planes * 4
+
+
+def _fast_path(module: nn.Module, hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``module`` runs folded, fused and channels-last (eval-mode CPU inference, see the module docstring)."""
+    return not module.training and can_fuse_conv(hidden_states, weight)
 
 
 class HfVlClipDownsample(nn.Module):
@@ -36,6 +49,8 @@ class HfVlClipDownsample(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _fast_path(self, hidden_states, self.conv.weight):
+            return conv_norm(self.conv, self.bn, self.pool(hidden_states))
         return self.bn(self.conv(self.pool(hidden_states)))
 
 
@@ -62,6 +77,10 @@ class HfVlClipBottleneck(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         identity = hidden_states if self.downsample is None else self.downsample(hidden_states)
+        if _fast_path(self, hidden_states, self.conv1.weight):
+            out = conv_norm(self.conv1, self.bn1, hidden_states, relu=True)
+            out = conv_norm(self.conv2, self.bn2, out, relu=True)
+            return conv_norm(self.conv3, self.bn3, self.pool(out), relu=True, residual=identity)
         out = self.activation(self.bn1(self.conv1(hidden_states)))
         out = self.activation(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.pool(out)))
@@ -84,6 +103,12 @@ class HfVlClipResNetStem(nn.Module):
         self.pool = nn.AvgPool2d(2)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if _fast_path(self, pixel_values, self.conv1.weight):
+            # the whole tower then stays channels-last: convolutions and pools keep the input's memory format
+            hidden_states = pixel_values.contiguous(memory_format=torch.channels_last)
+            for conv, norm in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+                hidden_states = conv_norm(conv, norm, hidden_states, relu=True)
+            return self.pool(hidden_states)
         hidden_states = self.activation(self.bn1(self.conv1(pixel_values)))
         hidden_states = self.activation(self.bn2(self.conv2(hidden_states)))
         hidden_states = self.activation(self.bn3(self.conv3(hidden_states)))

@@ -119,6 +119,8 @@ class HfVlFastLinearModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias of ``linears`` stacked along the outputs, ready for :func:`fused_linear`.
 
+        linears: modules with ``weight`` (out_features, ...) and ``bias``: ``nn.Linear``, or a convolution whose
+        kernel, flattened to (out_channels, in_channels * kernel elements), multiplies flattened patches.
         rows: the number of input rows of this call, oneDNN's hint for the packed layout.
         """
         sources = [p for linear in linears for p in (linear.weight, linear.bias) if p is not None]
@@ -127,7 +129,8 @@ class HfVlFastLinearModule(nn.Module):
         if cached is None or cached[0] != key:
             # ordinary tensors even under inference_mode, so the cache stays usable after leaving it
             with torch.inference_mode(False), torch.no_grad():
-                weight = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
+                weights = [linear.weight.flatten(1) for linear in linears]
+                weight = torch.cat(weights) if len(weights) > 1 else weights[0]
                 biases = [linear.bias for linear in linears]
                 bias = None if biases[0] is None else torch.cat(biases) if len(biases) > 1 else biases[0]
                 if _HAS_REORDER_WEIGHT and weight.dtype in _PACKED_DTYPES:

@@ -23,9 +23,13 @@ Deviations from torchvision (both cheap and numerically neutral up to float roun
 - With frozen batch norm, each ``conv -> frozen BN`` pair runs as one convolution with the BN folded into its weight
   and bias (computed from the stored tensors, so state dicts, gradients and ``load_state_dict`` are unchanged).
   Without gradients the folded weights are cached on each conv (one extra copy of the trunk's conv weights in
-  memory, refreshed when a source tensor changes), and on CPU the bias, ReLU and residual addition run as oneDNN
-  post-ops of the convolution (``torch.ops.mkldnn._convolution_pointwise``, what ``torch.compile`` emits on CPU):
-  one pass over each activation map instead of up to four. With gradients the plain ``F.conv2d`` path runs.
+  memory, refreshed when a source tensor changes; on CPU pre-packed in oneDNN's blocked layout), and on CPU the
+  bias, ReLU and residual addition run as oneDNN post-ops of the convolution
+  (``torch.ops.mkldnn._convolution_pointwise``, what ``torch.compile`` emits on CPU): one pass over each activation
+  map instead of up to four. With gradients the plain ``F.conv2d`` path runs.
+
+:func:`conv_norm` also folds an eval-mode ``nn.BatchNorm2d`` when no gradients are recorded (inference), which is how
+CLIP's ModifiedResNet (``hf_vl_clip_resnet.py``) shares this fast path.
 """
 
 from __future__ import annotations
@@ -90,47 +94,121 @@ class HfVlResNetDownsample(nn.Module):
         return conv_norm(self.conv, self.norm, hidden_states)
 
 
-def _fold(conv: nn.Conv2d, norm: HfVlFrozenBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def foldable(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a fixed per-channel affine map that :func:`conv_norm` folds into the convolution: a
+    frozen batch norm always; an ``nn.BatchNorm2d`` only in eval mode with running statistics and without gradients
+    (inference: in training it normalises with batch statistics, and its gradients must stay its own)."""
+    if isinstance(norm, HfVlFrozenBatchNorm2d):
+        return True
+    return (
+        isinstance(norm, nn.BatchNorm2d)
+        and not norm.training
+        and norm.running_mean is not None
+        and not torch.is_grad_enabled()
+    )
+
+
+def norm_scale_and_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(channels,) scale and shift of a :func:`foldable` norm: ``norm(x) = x * scale + shift`` per channel."""
+    if isinstance(norm, HfVlFrozenBatchNorm2d):
+        return norm.scale_and_shift()
+    # eval-mode nn.BatchNorm2d; in fp32 even for a bf16 model, as its kernel computes
+    scale = (norm.running_var.float() + norm.eps).rsqrt()
+    scale = scale if norm.weight is None else scale * norm.weight.float()
+    shift = -norm.running_mean.float() * scale
+    return scale, shift if norm.bias is None else shift + norm.bias.float()
+
+
+def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """conv(x, W) * s + t == conv(x, W * s) + (b * s + t), with s broadcast over (out, in, kh, kw)."""
-    scale, shift = norm.scale_and_shift()
+    scale, shift = norm_scale_and_shift(norm)
+    if not isinstance(norm, HfVlFrozenBatchNorm2d) and conv.weight.dtype != scale.dtype:
+        # reduced precision: fold in fp32 and round once
+        weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        bias = shift if conv.bias is None else shift + conv.bias.float() * scale
+        return weight, bias.to(conv.weight.dtype)
     scale, shift = scale.to(conv.weight.dtype), shift.to(conv.weight.dtype)
     weight = conv.weight * scale.view(-1, 1, 1, 1)
     bias = shift if conv.bias is None else shift + conv.bias * scale
     return weight, bias
 
 
-def _folded(conv: nn.Conv2d, norm: HfVlFrozenBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+class _FoldedConv:
+    """A convolution's folded weight and bias, and the weight pre-packed into oneDNN's blocked layout (which saves
+    the per-call reorder: 2-4x for the 1x1 convolutions of 7x7 and 14x14 maps). A plain attribute of the conv, so
+    state dicts never see it; copies and pickles of the module drop it (packed tensors have no storage to copy)."""
+
+    __slots__ = ("key", "weight", "bias", "packed")
+
+    def __init__(self, key: tuple | None, weight: torch.Tensor, bias: torch.Tensor):
+        self.key, self.weight, self.bias, self.packed = key, weight, bias, None
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+def _folded(conv: nn.Conv2d, norm: nn.Module) -> _FoldedConv:
     """The folded weight and bias. Without gradients (inference) they are cached on the conv, keyed by the source
     tensors' storage, dtype and version counters, so in-place updates, ``load_state_dict`` and ``.to()`` refresh it."""
     if torch.is_grad_enabled():
-        return _fold(conv, norm)
+        return _FoldedConv(None, *_fold(conv, norm))
     sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
     try:
         key = tuple(None if t is None else (t.data_ptr(), t.dtype, t._version) for t in sources)
     except RuntimeError:  # tensors created under inference_mode keep no version counter: don't cache
-        return _fold(conv, norm)
+        return _FoldedConv(None, *_fold(conv, norm))
     cached = conv.__dict__.get("_hf_vl_folded")
-    if cached is None or cached[0] != key:
-        weight, bias = _fold(conv, norm)
-        # channels-last: the layout oneDNN computes in, so no reorder per call (see HfVlResNetBody.forward)
-        cached = (key, weight.contiguous(memory_format=torch.channels_last), bias)
+    if not isinstance(cached, _FoldedConv) or cached.key != key:
+        # ordinary leaf tensors even under inference_mode, so the cache stays usable after leaving it
+        with torch.inference_mode(False), torch.no_grad():
+            weight, bias = _fold(conv, norm)
+            # channels-last: the layout oneDNN computes in, so no reorder per call (see HfVlResNetBody.forward)
+            cached = _FoldedConv(key, weight.contiguous(memory_format=torch.channels_last), bias)
         conv.__dict__["_hf_vl_folded"] = cached
-    return cached[1], cached[2]
+    return cached
+
+
+def _packed_weight(folded: _FoldedConv, conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The folded weight for the fused oneDNN convolution: pre-packed once when cached (the input shape is only
+    a hint: other shapes give the same results). The plain copy is then dropped (memory), see :func:`_plain_weight`."""
+    if folded.key is None or _REORDER_WEIGHT is None:
+        return folded.weight
+    if folded.packed is None:
+        with torch.inference_mode(False), torch.no_grad():
+            geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+            folded.packed = _REORDER_WEIGHT(folded.weight, *geometry, list(hidden_states.shape))
+        folded.weight = None
+    return folded.packed
+
+
+def _plain_weight(folded: _FoldedConv, conv: nn.Conv2d, norm: nn.Module) -> torch.Tensor:
+    return folded.weight if folded.weight is not None else _fold(conv, norm)[0]
 
 
 # oneDNN convolution with fused post-ops (what torch.compile's CPU backend emits); checked once at import
 _POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+_REORDER_WEIGHT = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_convolution_weight", None)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
+_MKLDNN_AVAILABLE = torch.backends.mkldnn.is_available()
 
 
-def _can_fuse(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+def can_fuse_conv(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`conv_norm` may use oneDNN's fused convolution: eager CPU inference (no gradients, not compiling
+    or tracing: inductor fuses on its own) on plain fp32/bf16 tensors of one dtype."""
     return (
         _POINTWISE is not None
+        and not torch.compiler.is_compiling()  # first: dynamo must not trace the checks below
+        and not torch.jit.is_tracing()
         and not torch.is_grad_enabled()
+        and type(hidden_states) is torch.Tensor
         and hidden_states.device.type == "cpu"
         and hidden_states.dtype in _FUSED_DTYPES
         and weight.dtype == hidden_states.dtype
-        and torch.backends.mkldnn.is_available()
+        and _MKLDNN_AVAILABLE
+        and torch.backends.mkldnn.enabled
     )
 
 
@@ -143,21 +221,26 @@ def conv_norm(
 ) -> torch.Tensor:
     """``act(norm(conv(x)) + residual)``, act = ReLU or identity.
 
-    A frozen batch norm is folded into the convolution; on CPU without gradients the bias, residual addition and
-    ReLU also run inside the oneDNN convolution (one pass over the output instead of up to four).
+    A :func:`foldable` norm (frozen batch norm; eval-mode ``nn.BatchNorm2d`` without gradients) is folded into the
+    convolution; on CPU without gradients the bias, residual addition and ReLU also run inside the oneDNN
+    convolution (one pass over the output instead of up to four).
     """
-    if not isinstance(norm, HfVlFrozenBatchNorm2d):
+    if not foldable(norm):
         out = norm(conv(hidden_states))
     else:
-        weight, bias = _folded(conv, norm)
+        folded = _folded(conv, norm)
         channels_last = hidden_states.is_contiguous(memory_format=torch.channels_last)
         # oneDNN's fused add + ReLU needs channels-last in bf16 (NCHW falls back to an fp32-only kernel)
-        if _can_fuse(hidden_states, weight) and (residual is None or channels_last or weight.dtype == torch.float32):
-            args = (weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if can_fuse_conv(hidden_states, conv.weight) and (
+            residual is None or channels_last or conv.weight.dtype == torch.float32
+        ):
+            weight = _packed_weight(folded, conv, hidden_states)
+            args = (weight, folded.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
             if residual is None:
                 return _POINTWISE(hidden_states, *args, "relu" if relu else "none", [], "")
             return _POINTWISE.binary(hidden_states, residual, *args, "add", None, "relu" if relu else None, [], "")
-        out = F.conv2d(hidden_states, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        weight = _plain_weight(folded, conv, norm)
+        out = F.conv2d(hidden_states, weight, folded.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if residual is not None:
         out = out + residual
     return F.relu(out) if relu else out
@@ -224,7 +307,7 @@ class HfVlResNetBody(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """pixel_values: (batch, 3, H, W). Returns {stage: (batch, channels, H / stride, W / stride)}."""
-        if _can_fuse(pixel_values, self.conv1.weight) and isinstance(self.bn1, HfVlFrozenBatchNorm2d):
+        if can_fuse_conv(pixel_values, self.conv1.weight) and isinstance(self.bn1, HfVlFrozenBatchNorm2d):
             # inference on CPU: run the trunk channels-last, oneDNN's native layout (no reorder around each conv)
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         hidden_states = self.maxpool(conv_norm(self.conv1, self.bn1, pixel_values, relu=True))
@@ -244,5 +327,8 @@ __all__ = [
     "HfVlResNetDownsample",
     "STAGE_CHANNELS",
     "block_forward",
+    "can_fuse_conv",
     "conv_norm",
+    "foldable",
+    "norm_scale_and_shift",
 ]

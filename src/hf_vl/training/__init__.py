@@ -25,6 +25,12 @@ _LAZY = {
     "DetrEvaluationTrainer": "detr_recipe",
     "build_detr_for_shapes": "detr_recipe",
     "train_detr_shapes": "detr_recipe",
+    "SAM_RECIPES": "sam_recipe",
+    "SamPromptCollator": "sam_recipe",
+    "evaluate_sam_miou": "sam_recipe",
+    "quickstart_sam": "sam_recipe",
+    "sam_one_step_gradients": "sam_recipe",
+    "train_sam_shapes": "sam_recipe",
 }
 
 

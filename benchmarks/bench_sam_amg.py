@@ -1,0 +1,364 @@
+"""SAM automatic mask generation speed: hf_vl's ``HfVlSamAutomaticMaskGenerator`` against segment-anything's
+``SamAutomaticMaskGenerator`` and transformers' ``pipeline("mask-generation")``, same process, same weights, same
+photograph.
+
+Protocol (``/work/shared/docs/benchmarks.md``): segment-anything's model is built with random weights and its state
+dict is converted into the model hf_vl runs (hf_vl's ``HfVlSamModel`` through ``hf_vl.conversion.convert_hf_vl_sam``
+when that exists, else transformers' ``SamModel`` through the key mapping of transformers' ``convert_sam_to_hf.py``)
+and into transformers' ``SamModel`` for the pipeline column. Same image (scikit-image ``astronaut``), same grid, same
+thresholds; ``eval()``, ``torch.inference_mode()``, one thread count. A full generation takes minutes per call for
+the references, so by default each generator runs once (``--rounds`` interleaved rounds), hf_vl's without warm-up
+unless ``--warmup`` (the references cache nothing between calls either). ``ratio`` = reference time / hf_vl time.
+The random weights are edited by :func:`vary_masks` (the same edit for all three) so grid prompts give varied masks.
+Match statistics compare every record set against segment-anything's: matched = the best mask IoU >= 0.99 and the
+predicted IoU and stability score within 1e-3 (bf16 and the pipeline, which filters differently: IoU >= 0.9, scores
+within 0.05).
+
+Usage: ``python benchmarks/bench_sam_amg.py [--quick] [--rounds N] [--no-pipeline] [--no-bf16]``; ``--quick`` is a
+tiny random model and an 8x8 grid (a smoke run). ``tests/benchmarks/test_bench_sam_amg.py`` runs :func:`run` tiny.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+# segment-anything's vit_b (build_sam.py) and a tiny model with the same structure
+VIT_B = dict(embed_dim=768, depth=12, heads=12, global_attn=(2, 5, 8, 11), image_size=1024, window=14,
+             prompt_dim=256, decoder_mlp=2048, decoder_heads=8, mask_in_chans=16)
+TINY = dict(embed_dim=32, depth=2, heads=2, global_attn=(1,), image_size=128, window=4,
+            prompt_dim=32, decoder_mlp=64, decoder_heads=2, mask_in_chans=4)
+# thresholds 0 as in benchmarks.md's reference figure: every one of the 3 x grid candidates reaches NMS
+BENCH_AMG = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def build_segment_anything(config: dict, seed: int = 0) -> nn.Module:
+    """segment-anything ``Sam`` with random weights (default PyTorch init), eval mode."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    torch.manual_seed(seed)
+    size, dim = config["image_size"], config["prompt_dim"]
+    encoder = ImageEncoderViT(
+        depth=config["depth"], embed_dim=config["embed_dim"], img_size=size, mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=config["heads"], patch_size=16, qkv_bias=True,
+        use_rel_pos=True, global_attn_indexes=tuple(config["global_attn"]), window_size=config["window"],
+        out_chans=dim,
+    )
+    prompt = PromptEncoder(embed_dim=dim, image_embedding_size=(size // 16, size // 16),
+                           input_image_size=(size, size), mask_in_chans=config["mask_in_chans"])
+    transformer = TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=config["decoder_mlp"],
+                                    num_heads=config["decoder_heads"])
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer=transformer, transformer_dim=dim,
+                          iou_head_depth=3, iou_head_hidden_dim=dim)
+    sam = Sam(encoder, prompt, decoder, pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    return sam.eval()
+
+
+# transformers' convert_sam_to_hf.py renames (substring replacements, applied in this order; checkpoints.md §10)
+_TRANSFORMERS_RENAMES = (
+    ("iou_prediction_head.layers.0", "iou_prediction_head.proj_in"),
+    ("iou_prediction_head.layers.1", "iou_prediction_head.layers.0"),
+    ("iou_prediction_head.layers.2", "iou_prediction_head.proj_out"),
+    ("mask_decoder.output_upscaling.0", "mask_decoder.upscale_conv1"),
+    ("mask_decoder.output_upscaling.1", "mask_decoder.upscale_layer_norm"),
+    ("mask_decoder.output_upscaling.3", "mask_decoder.upscale_conv2"),
+    ("mask_downscaling.0", "mask_embed.conv1"),
+    ("mask_downscaling.1", "mask_embed.layer_norm1"),
+    ("mask_downscaling.3", "mask_embed.conv2"),
+    ("mask_downscaling.4", "mask_embed.layer_norm2"),
+    ("mask_downscaling.6", "mask_embed.conv3"),
+    ("point_embeddings", "point_embed"),
+    ("pe_layer.positional_encoding_gaussian_matrix", "shared_embedding.positional_embedding"),
+    ("image_encoder", "vision_encoder"),
+    ("neck.0", "neck.conv1"),
+    ("neck.1", "neck.layer_norm1"),
+    ("neck.2", "neck.conv2"),
+    ("neck.3", "neck.layer_norm2"),
+    ("patch_embed.proj", "patch_embed.projection"),
+    (".norm", ".layer_norm"),
+    ("blocks", "layers"),
+)
+_HYPERNETWORK = re.compile(r"(.*)output_hypernetworks_mlps\.(\d+)\.layers\.(\d)\.(.*)")
+
+
+def segment_anything_to_transformers_state(state_dict: dict) -> dict:
+    """segment-anything ``Sam`` state dict -> transformers ``SamModel`` keys."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key in ("pixel_mean", "pixel_std"):
+            continue
+        for old, new in _TRANSFORMERS_RENAMES:
+            if old in key:
+                key = key.replace(old, new)
+        match = _HYPERNETWORK.fullmatch(key)
+        if match:
+            head, index, layer, rest = match.groups()
+            name = {"0": "proj_in", "1": "layers.0", "2": "proj_out"}[layer]
+            key = f"{head}output_hypernetworks_mlps.{index}.{name}.{rest}"
+        out[key] = tensor
+    out["shared_image_embedding.positional_embedding"] = out["prompt_encoder.shared_embedding.positional_embedding"]
+    return out
+
+
+def build_transformers_sam(sam: nn.Module, config: dict) -> nn.Module:
+    """transformers ``SamModel`` carrying ``sam``'s weights (strict load), eval mode."""
+    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+
+    size, dim = config["image_size"], config["prompt_dim"]
+    vision = SamVisionConfig(
+        hidden_size=config["embed_dim"], output_channels=dim, num_hidden_layers=config["depth"],
+        num_attention_heads=config["heads"], image_size=size, patch_size=16, window_size=config["window"],
+        global_attn_indexes=list(config["global_attn"]), num_pos_feats=dim // 2, mlp_dim=4 * config["embed_dim"],
+    )
+    prompt = SamPromptEncoderConfig(hidden_size=dim, image_size=size, patch_size=16,
+                                    mask_input_channels=config["mask_in_chans"])
+    decoder = SamMaskDecoderConfig(hidden_size=dim, mlp_dim=config["decoder_mlp"],
+                                   num_attention_heads=config["decoder_heads"], iou_head_hidden_dim=dim)
+    model = SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                               mask_decoder_config=decoder.to_dict())).eval()
+    model.load_state_dict(segment_anything_to_transformers_state(sam.state_dict()), strict=True)
+    return model
+
+
+def build_hf_vl_sam(sam: nn.Module, config: dict) -> nn.Module | None:
+    """hf_vl's ``HfVlSamModel`` with ``sam``'s weights through hf_vl's own converter (``convert_checkpoint("sam",
+    "original", ...)``), or None while the converter is missing."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        from hf_vl.conversion.api import convert_checkpoint
+        from hf_vl.conversion.convert_hf_vl_sam import SAM_CONVERSION  # noqa: F401  (engineer A's converter)
+    except ImportError:
+        return None
+    # the decoder's head count is the one size its tensor shapes do not show
+    decoder = dict(hidden_size=config["prompt_dim"], num_hidden_layers=2, num_attention_heads=config["decoder_heads"],
+                   mlp_dim=config["decoder_mlp"], iou_head_hidden_dim=config["prompt_dim"])
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "sam.pth"
+        torch.save(sam.state_dict(), path)
+        model = convert_checkpoint("sam", "original", path, config_overrides={"mask_decoder_config": decoder},
+                                   progress=False)
+    return model.eval()
+
+
+def build_models(config: dict, seed: int = 0, with_hf_vl_model: bool = True) -> dict[str, nn.Module]:
+    """``segment_anything`` (random weights), ``transformers`` (same weights) and ``amg_model``: the model hf_vl's
+    generator runs (HfVlSamModel when available and ``with_hf_vl_model``, else the transformers model)."""
+    return build_models_from(build_segment_anything(config, seed), config, with_hf_vl_model)
+
+
+def build_models_from(sam: nn.Module, config: dict, with_hf_vl_model: bool = True) -> dict[str, nn.Module]:
+    """:func:`build_models` for a given segment-anything model (e.g. after :func:`vary_masks`)."""
+    transformers_model = build_transformers_sam(sam, config)
+    hf_vl_model = build_hf_vl_sam(sam, config) if with_hf_vl_model else None
+    return dict(segment_anything=sam, transformers=transformers_model,
+                amg_model=hf_vl_model if hf_vl_model is not None else transformers_model)
+
+
+def vary_masks(sam: nn.Module, logit_scale: float = 300.0) -> nn.Module:
+    """Edit random weights in place so grid prompts give varied, coherent masks (random init gives near-zero,
+    fragmented logits): nearly tie each 2x2 kernel of the two upscaling transposed convolutions (blob-shaped masks),
+    shrink the second one so its GELU stays near-linear (no all-positive features), and scale the hypernetwork outputs."""
+    decoder = sam.mask_decoder
+    with torch.no_grad():
+        for index in (0, 3):  # output_upscaling: ConvTranspose2d, LayerNorm2d, GELU, ConvTranspose2d, GELU
+            weight = decoder.output_upscaling[index].weight
+            weight.copy_(weight[:, :, :1, :1] + 0.3 * weight)  # mostly tied, no exactly flat logit plateaus
+        decoder.output_upscaling[3].weight.mul_(0.1)
+        decoder.output_upscaling[3].bias.zero_()
+        for mlp in decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(logit_scale)
+    return sam
+
+
+class SegmentAnythingAsSamModel(nn.Module):
+    """segment-anything's ``Sam`` behind the transformers ``SamModel`` calls the generator makes, so hf_vl's
+    generator can run on the reference's own model: comparisons then isolate the generator (no model numerics)."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.sam = sam
+        vision = type("VisionConfig", (), {"image_size": sam.image_encoder.img_size})
+        self.config = type("Config", (), {"vision_config": vision})
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.sam.image_encoder(pixel_values)
+
+    def forward(self, image_embeddings, input_points, input_labels, multimask_output: bool = True):
+        # one image: (1, P, N, 2) -> (P, N, 2)
+        sparse, dense = self.sam.prompt_encoder(points=(input_points[0], input_labels[0]), boxes=None, masks=None)
+        low_res, iou = self.sam.mask_decoder(
+            image_embeddings=image_embeddings, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
+        )
+        return type("SamOutput", (), {"iou_scores": iou[None], "pred_masks": low_res[None]})
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def photo(name: str = "astronaut", scale: int = 1) -> np.ndarray:
+    """A scikit-image photograph as (H, W, 3) uint8, every ``scale``-th pixel."""
+    from skimage import data
+
+    return np.ascontiguousarray(getattr(data, name)()[::scale, ::scale])
+
+
+# ----------------------------------------------------------------------------------------------- generators
+def _reference_call(sam: nn.Module, image: np.ndarray, grid: int, amg: dict) -> Callable[[], list]:
+    from segment_anything import SamAutomaticMaskGenerator
+
+    generator = SamAutomaticMaskGenerator(sam, points_per_side=grid, points_per_batch=64, **amg)
+    return partial(generator.generate, image)
+
+
+def _pipeline_call(model: nn.Module, image: np.ndarray, grid: int, amg: dict) -> Callable[[], list]:
+    """transformers' mask-generation pipeline; its masks returned as boolean arrays."""
+    from PIL import Image
+    from transformers import SamImageProcessor, pipeline
+
+    processor = SamImageProcessor(size={"longest_edge": model.config.vision_config.image_size},
+                                  pad_size={"height": model.config.vision_config.image_size,
+                                            "width": model.config.vision_config.image_size})
+    generator = pipeline("mask-generation", model=model, image_processor=processor, device="cpu")
+    kwargs = dict(points_per_batch=64, points_per_crop=grid, pred_iou_thresh=amg["pred_iou_thresh"],
+                  stability_score_thresh=amg["stability_score_thresh"], crops_nms_thresh=amg["box_nms_thresh"],
+                  stability_score_offset=amg.get("stability_score_offset", 1.0))
+    pil = Image.fromarray(image)
+
+    def call() -> list:
+        out = generator(pil, **kwargs)
+        return [{"segmentation": np.asarray(mask, dtype=bool), "predicted_iou": float(score)}
+                for mask, score in zip(out["masks"], out["scores"])]
+
+    return call
+
+
+def _hf_vl_call(model: nn.Module, image: np.ndarray, grid: int, amg: dict, dtype=None):
+    from hf_vl.pipelines.sam_automatic_masks import HfVlSamAutomaticMaskGenerator
+
+    generator = HfVlSamAutomaticMaskGenerator(model, points_per_side=grid, points_per_batch=64, dtype=dtype, **amg)
+    return generator, partial(generator.generate, image)
+
+
+# ----------------------------------------------------------------------------------------------- agreement
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def match_stats(reference: list[dict], other: list[dict], mask_iou: float = 0.99, tol: float = 1e-3) -> dict:
+    """Counts, and the share of reference records with a partner in ``other`` (best mask IoU >= ``mask_iou``,
+    predicted IoU within ``tol`` and, when both have it, stability within ``tol``), and the worst best-IoU."""
+    matched, worst = 0, 1.0
+    for record in reference:
+        best, best_iou = None, -1.0
+        for candidate in other:
+            iou = _mask_iou(record["segmentation"], candidate["segmentation"])
+            if iou > best_iou:
+                best, best_iou = candidate, iou
+        worst = min(worst, best_iou)
+        if best is None or best_iou < mask_iou or abs(best["predicted_iou"] - record["predicted_iou"]) > tol:
+            continue
+        if "stability_score" in best and abs(best["stability_score"] - record["stability_score"]) > tol:
+            continue
+        matched += 1
+    return dict(n_ref=len(reference), n=len(other), matched=matched / max(len(reference), 1), worst_iou=worst)
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(config: dict | None = None, grid: int = 32, image: np.ndarray | None = None, rounds: int = 1,
+        amg: dict | None = None, with_pipeline: bool = True, with_bf16: bool = True, seed: int = 0,
+        warmup: int = 1) -> dict:
+    """Time every generator ``rounds`` times, interleaved, after ``warmup`` untimed hf_vl calls; returns
+    ``{"rows": [...], "stages": {...}, ...}`` with per-generator median seconds, ratio (reference / hf_vl fp32, or
+    / hf_vl bf16 for the bf16 row) and agreement with segment-anything's records."""
+    if rounds < 1 or grid < 1:
+        raise ValueError(f"rounds and grid must be >= 1, got rounds={rounds}, grid={grid}")
+    config = config if config is not None else VIT_B
+    amg = dict(BENCH_AMG if amg is None else amg)
+    image = photo() if image is None else image
+    sam = vary_masks(build_segment_anything(config, seed))
+    models = build_models_from(sam, config)
+    calls, generators = {"segment_anything": _reference_call(sam, image, grid, amg)}, {}
+    if with_pipeline:
+        calls["transformers_pipeline"] = _pipeline_call(models["transformers"], image, grid, amg)
+    generators["hf_vl_fp32"], calls["hf_vl_fp32"] = _hf_vl_call(models["amg_model"], image, grid, amg)
+    if with_bf16:
+        generators["hf_vl_bf16"], calls["hf_vl_bf16"] = _hf_vl_call(models["amg_model"], image, grid, amg,
+                                                                    torch.bfloat16)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in generators:
+                calls[name]()  # the references cache nothing between calls: only hf_vl's are warmed up
+        times = {name: [] for name in calls}
+        outputs = {}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                outputs[name] = call()
+                times[name].append(time.perf_counter() - start)
+    return _summarise(times, outputs, generators, models, grid, image)
+
+
+def _summarise(times, outputs, generators, models, grid, image) -> dict:
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    rows = []
+    for name, value in seconds.items():
+        row = dict(name=name, seconds=value)
+        for ours in ("hf_vl_fp32", "hf_vl_bf16"):
+            if ours in seconds and not name.startswith("hf_vl"):
+                row[f"x_vs_{ours}"] = value / seconds[ours]
+        loose = name == "hf_vl_bf16" or name == "transformers_pipeline"
+        row.update(match_stats(outputs["segment_anything"], outputs[name], mask_iou=0.9 if loose else 0.99,
+                               tol=0.05 if loose else 1e-3))
+        rows.append(row)
+    return dict(rows=rows, stages={name: gen.last_timings for name, gen in generators.items()},
+                model=type(models["amg_model"]).__name__, grid=grid, image_shape=image.shape,
+                threads=torch.get_num_threads())
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{'generator':<22} {'seconds':>9} {'ref/fp32':>9} {'ref/bf16':>9} {'masks':>6} {'ref':>5} "
+             f"{'matched':>8} {'worst IoU':>9}"]
+    for row in result["rows"]:
+        fp32, bf16 = row.get("x_vs_hf_vl_fp32"), row.get("x_vs_hf_vl_bf16")
+        lines.append(
+            f"{row['name']:<22} {row['seconds']:>9.2f} {'' if fp32 is None else f'{fp32:.2f}x':>9} "
+            f"{'' if bf16 is None else f'{bf16:.2f}x':>9} {row['n']:>6} {row['n_ref']:>5} {row['matched']:>8.1%} "
+            f"{row['worst_iou']:>9.4f}"
+        )
+    for name, stages in result["stages"].items():
+        lines.append(f"{name} stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 8x8 grid, quarter-size photo")
+    parser.add_argument("--grid", type=int, default=None, help="points per side (default 32, quick 8)")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per generator (each takes minutes)")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip transformers' mask-generation pipeline")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the hf_vl bf16 row")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed hf_vl calls first (default: quick 1, else 0)")
+    args = parser.parse_args(argv)
+    config, image = (TINY, photo(scale=3)) if args.quick else (VIT_B, photo())
+    grid = args.grid or (8 if args.quick else 32)
+    print(f"SAM automatic masks, {'tiny' if args.quick else 'vit_b'} random weights, {grid}x{grid} grid, "
+          f"image {image.shape}, thresholds {BENCH_AMG}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    result = run(config, grid=grid, image=image, rounds=args.rounds, with_pipeline=not args.no_pipeline,
+                 with_bf16=not args.no_bf16, warmup=args.warmup if args.warmup is not None else int(args.quick))
+    print(f"hf_vl model: {result['model']}")
+    print(format_result(result))
+
+
+if __name__ == "__main__":
+    main()

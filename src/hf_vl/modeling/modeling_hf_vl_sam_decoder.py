@@ -1,0 +1,460 @@
+"""SAM's prompt encoder and mask decoder (Kirillov et al. 2023, "Segment Anything", https://arxiv.org/abs/2304.02643,
+section 3 and appendix A). Original: facebookresearch/segment-anything @dca509f ``segment_anything/modeling/``
+``prompt_encoder.py`` (``PromptEncoder``), ``transformer.py`` (``TwoWayTransformer``, ``TwoWayAttentionBlock``) and
+``mask_decoder.py`` (``MaskDecoder``, ``MLP``).
+
+Prompts are batched as transformers' ``SamModel`` batches them: (batch, point_batch, ...) with ``point_batch`` prompts
+per image, each decoded independently against its image's embedding.
+
+Deviations from the original:
+- Attention is hf_vl's :class:`.hf_vl_attention.HfVlAttention` (separate q/k/v/out, ``inner_dim`` for the
+  downsampled cross-attentions, SDPA by default); the token MLP is :class:`.hf_vl_mlp.HfVlMlp` (``fc1``/``fc2``).
+- Named modules instead of indices: the four learned point embeddings ``point_embeddings.{0..3}`` are
+  ``negative_point_embed``, ``positive_point_embed``, ``top_left_embed``, ``bottom_right_embed``; ``mask_downscaling``
+  is ``mask_embed.{conv1, layer_norm1, conv2, layer_norm2, conv3}``; ``output_upscaling`` is ``upscale_conv1``,
+  ``upscale_layer_norm``, ``upscale_conv2``; block norms ``norm1..4`` are ``layer_norm1..4``.
+- Label ``-10`` (transformers' padding point) zeroes a point's embedding, as in transformers.
+- The dense positional encoding of the image grid is cached per (size, device, dtype) and recomputed when the random
+  Fourier matrix changes (loading weights), so decoding against a cached image embedding does not recompute it.
+- Prompts that decode against the same image state (no mask prompt, or one mask per image) share it: the image is
+  not repeated per prompt, and the first two-way layer projects its keys/values (token->image) and queries
+  (image->token) once per image; the original repeats the image embedding per prompt. Same arithmetic per prompt.
+- The output upscaling's transposed convolutions (kernel 2, stride 2) run as per-pixel linear maps on the
+  channels-last image states (see :class:`HfVlSamMaskDecoder`). ``predict_masks`` returns every mask token's
+  output (the ONNX export's need); ``forward`` selects from it.
+- Point labels 2 / 3 (a box's corners given as points, as in segment-anything's ONNX model) add the top-left /
+  bottom-right embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig, HfVlSamPromptEncoderConfig, HfVlSamVisionConfig
+from .hf_vl_attention import HfVlAttention, eager_attention_forward
+from .hf_vl_embeddings import HfVlRandomFourierPositionEmbedding
+from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlp, can_fuse_linear, fused_linear
+from .modeling_hf_vl_sam_vision import HfVlSamLayerNorm2d
+
+PAD_LABEL = -10  # transformers SamProcessor's padding label: the point contributes nothing
+NOT_A_POINT_LABEL = -1  # segment-anything's padding point: the learned not-a-point embedding
+
+
+class HfVlSamPositionalEmbedding(HfVlRandomFourierPositionEmbedding):
+    """The random Fourier encoding shared by prompts and the image grid, with the dense grid encoding cached."""
+
+    def __init__(self, num_pos_feats: int, scale: float = 1.0):
+        super().__init__(num_pos_feats, scale)
+        self._dense_cache: dict = {}
+
+    def dense(self, size: tuple[int, int]) -> torch.Tensor:
+        """(2 * num_pos_feats, h, w) encoding of the image grid's cell centres, cached."""
+        matrix = self.positional_encoding_gaussian_matrix
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and matrix.requires_grad):
+            return self(size)
+        key = (tuple(size), matrix.device, matrix.dtype, matrix.data_ptr(), matrix._version)
+        cached = self._dense_cache.get("dense")
+        if cached is None or cached[0] != key:
+            # an ordinary tensor even under inference_mode, so the cache stays usable after leaving it
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self._dense_cache["dense"] = (key, self(size))
+        return cached[1]
+
+    def _apply(self, fn, recurse=True):
+        self._dense_cache = {}  # .to()/.half(): new storage, drop the stale encoding
+        return super()._apply(fn, recurse)
+
+    def encode_points(self, coords: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        """coords: (..., 2) x, y pixels in the input frame. Returns (..., 2 * num_pos_feats)."""
+        # normalise to [0, 1] by the padded input size (width for x, height for y)
+        scale = torch.tensor([input_size[1], input_size[0]], dtype=coords.dtype, device=coords.device)
+        return self.encode(coords / scale)
+
+
+class HfVlSamMaskEmbedding(nn.Module):
+    """Mask prompt (batch, 1, 4h, 4w) -> dense embedding (batch, hidden, h, w): two stride-2 convs, a 1x1 conv."""
+
+    def __init__(self, config: HfVlSamPromptEncoderConfig):
+        super().__init__()
+        quarter = config.mask_input_channels // 4
+        self.conv1 = nn.Conv2d(1, quarter, kernel_size=2, stride=2)
+        self.layer_norm1 = HfVlSamLayerNorm2d(quarter, eps=config.layer_norm_eps)
+        self.conv2 = nn.Conv2d(quarter, config.mask_input_channels, kernel_size=2, stride=2)
+        self.layer_norm2 = HfVlSamLayerNorm2d(config.mask_input_channels, eps=config.layer_norm_eps)
+        self.conv3 = nn.Conv2d(config.mask_input_channels, config.hidden_size, kernel_size=1)
+        self.activation = ACT2FN[config.hidden_act]
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation(self.layer_norm1(self.conv1(masks)))
+        hidden_states = self.activation(self.layer_norm2(self.conv2(hidden_states)))
+        return self.conv3(hidden_states)
+
+
+class HfVlSamPromptEncoder(nn.Module):
+    """Points, boxes and masks -> sparse (token) and dense (grid) prompt embeddings."""
+
+    def __init__(self, config: HfVlSamPromptEncoderConfig, vision_config: HfVlSamVisionConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.hidden_size = hidden
+        self.input_size = (vision_config.image_size, vision_config.image_size)
+        self.grid_size = (vision_config.grid_size, vision_config.grid_size)
+        self.positional_embedding = HfVlSamPositionalEmbedding(hidden // 2, config.positional_embedding_scale)
+        self.negative_point_embed = nn.Embedding(1, hidden)
+        self.positive_point_embed = nn.Embedding(1, hidden)
+        self.top_left_embed = nn.Embedding(1, hidden)
+        self.bottom_right_embed = nn.Embedding(1, hidden)
+        self.not_a_point_embed = nn.Embedding(1, hidden)
+        self.no_mask_embed = nn.Embedding(1, hidden)
+        self.mask_embed = HfVlSamMaskEmbedding(config)
+
+    @property
+    def mask_input_size(self) -> tuple[int, int]:
+        return (4 * self.grid_size[0], 4 * self.grid_size[1])
+
+    def embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        """points (batch, P, N, 2), labels (batch, P, N) -> (batch, P, N [+1], hidden). ``pad`` appends the
+        original's not-a-point (done when no box follows the points). Labels: 1 foreground, 0 background, 2 / 3 a
+        box's top-left / bottom-right corner, -1 not-a-point, -10 padding (contributes nothing)."""
+        points = points + 0.5  # pixel centres
+        if pad:
+            points = torch.cat([points, points.new_zeros(*points.shape[:2], 1, 2)], dim=2)
+            labels = torch.cat([labels, labels.new_full((*labels.shape[:2], 1), NOT_A_POINT_LABEL)], dim=2)
+        embedding = self.positional_embedding.encode_points(points, self.input_size)
+        labels = labels[..., None]
+        embedding = torch.where(labels == NOT_A_POINT_LABEL, self.not_a_point_embed.weight, embedding)
+        embedding = torch.where(labels == PAD_LABEL, torch.zeros_like(embedding), embedding)
+        # labels 2 / 3: box corners given as points (segment-anything's ONNX model), top-left / bottom-right
+        for value, learned in enumerate(
+            (self.negative_point_embed, self.positive_point_embed, self.top_left_embed, self.bottom_right_embed)
+        ):
+            embedding = embedding + (labels == value).to(embedding.dtype) * learned.weight
+        return embedding
+
+    def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """boxes (batch, P, 4) xyxy -> corner embeddings (batch, P, 2, hidden)."""
+        corners = (boxes + 0.5).reshape(*boxes.shape[:2], 2, 2)  # (batch, P, 4) -> (batch, P, [tl, br], xy)
+        embedding = self.positional_embedding.encode_points(corners, self.input_size)
+        corner_types = torch.cat([self.top_left_embed.weight, self.bottom_right_embed.weight])  # (2, hidden)
+        return embedding + corner_types
+
+    def forward(
+        self,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        batch_size: int,
+        point_batch_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns sparse (batch, P, tokens, hidden) (tokens may be 0) and dense (batch * P, hidden, h, w)."""
+        sparse = [self.no_mask_embed.weight.new_zeros(batch_size, point_batch_size, 0, self.hidden_size)]
+        if points is not None:
+            sparse.append(self.embed_points(points, labels, pad=boxes is None))
+        if boxes is not None:
+            sparse.append(self.embed_boxes(boxes))
+        sparse_embeddings = torch.cat(sparse, dim=2)
+        rows = batch_size * point_batch_size
+        if masks is not None:
+            dense = self.mask_embed(masks)
+            if dense.shape[0] != rows:  # one mask per image: shared by its P prompts
+                dense = dense.repeat_interleave(point_batch_size, dim=0)
+        else:
+            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(rows, -1, *self.grid_size)
+        return sparse_embeddings, dense
+
+
+def _token_to_image(
+    attention: HfVlAttention, queries: torch.Tensor, query_pe: torch.Tensor, keys: torch.Tensor,
+    keys_pe: torch.Tensor, **kwargs,
+) -> torch.Tensor:
+    """Token -> image cross-attention (+ residual) for rows = groups * per prompts against ``groups`` images.
+
+    queries, query_pe (rows, tokens, hidden); keys, keys_pe (groups, h*w, hidden). The prompts of one image attend
+    to the same keys, so they are folded into the query length: the image's keys/values are projected once, not
+    once per prompt (attention rows are independent, so this is the same arithmetic)."""
+    rows, tokens, hidden = queries.shape
+    groups = keys.shape[0]
+    # (rows, tokens, hidden) -> (groups, per * tokens, hidden)
+    folded = queries.reshape(groups, -1, hidden)
+    output, _ = attention(
+        (queries + query_pe).reshape(groups, -1, hidden), key_value_states=keys, key_states=keys_pe,
+        residual=folded, **kwargs,
+    )
+    return output.reshape(rows, tokens, hidden)
+
+
+def _project(attention: HfVlAttention, name: str, states: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``attention.<name>_proj(states)`` (batch, len, width) -> (batch, heads, len, head_dim)."""
+    linear = getattr(attention, f"{name}_proj")
+    if fast:
+        projected = fused_linear(states, *attention.fast_weights(name, (linear,), states.numel() // states.shape[-1]))
+    else:
+        projected = linear(states)
+    # (batch, len, heads * head_dim) -> (batch, heads, len, head_dim)
+    return projected.view(*states.shape[:2], -1, attention.head_dim).transpose(1, 2)
+
+
+def _image_to_token(
+    attention: HfVlAttention, keys: torch.Tensor, keys_pe: torch.Tensor, queries: torch.Tensor,
+    queries_pe: torch.Tensor, **kwargs,
+) -> torch.Tensor:
+    """Image -> token cross-attention (+ residual) of ``groups`` images' states against rows = groups * per prompts.
+
+    keys, keys_pe (groups, h*w, hidden); queries, queries_pe (rows, tokens, hidden). Returns (rows, h*w, hidden).
+    With one prompt per image this is the plain attention call; with several, the image-side query projection is
+    computed once per image and shared by its prompts."""
+    rows, groups = queries.shape[0], keys.shape[0]
+    if rows == groups:
+        output, _ = attention(keys_pe, key_value_states=queries, key_states=queries_pe, residual=keys, **kwargs)
+        return output
+    per, length, hidden = rows // groups, keys.shape[1], keys.shape[2]
+    fast = can_fuse_linear(keys_pe, *attention._qkv_params(), attention.out_proj.weight, attention.out_proj.bias)
+    fast = fast and can_fuse_linear(queries) and can_fuse_linear(queries_pe)
+    query = _project(attention, "q", keys_pe, fast)  # (groups, heads, h*w, head_dim)
+    # (groups, heads, h*w, d) -> (groups, per, heads, h*w, d) -> (rows, heads, h*w, d): one copy, no GEMM per prompt
+    query = query[:, None].expand(groups, per, *query.shape[1:]).reshape(rows, *query.shape[1:])
+    key, value = _project(attention, "k", queries_pe, fast), _project(attention, "v", queries, fast)
+    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, eager_attention_forward
+    )
+    output, _ = interface(attention, query, key, value, None, dropout=attention.dropout if attention.training else 0.0,
+                          scaling=attention.scaling, is_causal=False, **kwargs)  # fmt: skip
+    output = output.reshape(rows, length, -1)  # (rows, h*w, heads, d) -> (rows, h*w, inner)
+    if fast:
+        output = fused_linear(output, *attention.fast_weights("out", (attention.out_proj,), rows * length))
+    else:
+        output = attention.out_proj(output)
+    # (rows, h*w, hidden) + (groups, 1, h*w, hidden) broadcast over each image's prompts
+    return (output.view(groups, per, length, hidden) + keys[:, None]).view(rows, length, hidden)
+
+
+class HfVlSamTwoWayLayer(nn.Module):
+    """Token self-attention, token->image cross-attention, token MLP, image->token cross-attention (post-norm).
+
+    Positional encodings are added to queries and keys of every attention (never to values); the first layer's
+    self-attention takes the bare tokens, without residual (``skip_first_layer_pe``), as in the original."""
+
+    def __init__(self, config: HfVlSamMaskDecoderConfig, skip_first_layer_pe: bool):
+        super().__init__()
+        hidden, heads, eps = config.hidden_size, config.num_attention_heads, config.layer_norm_eps
+        inner = hidden // config.attention_downsample_rate
+        self.skip_first_layer_pe = skip_first_layer_pe
+        self.self_attn = HfVlAttention(config, hidden, heads)
+        self.layer_norm1 = nn.LayerNorm(hidden, eps=eps)
+        self.cross_attn_token_to_image = HfVlAttention(config, hidden, heads, inner_dim=inner)
+        self.layer_norm2 = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = HfVlMlp(hidden, config.mlp_dim, config.hidden_act)
+        self.layer_norm3 = nn.LayerNorm(hidden, eps=eps)
+        self.cross_attn_image_to_token = HfVlAttention(config, hidden, heads, inner_dim=inner)
+        self.layer_norm4 = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries, query_pe (rows, tokens, hidden); keys (groups, h*w, hidden) with ``groups`` dividing ``rows``
+        (consecutive rows are prompts of one image state); key_pe broadcastable to keys. Returns queries and the
+        image states, (rows, h*w, hidden)."""
+        if self.skip_first_layer_pe:
+            queries, _ = self.self_attn(queries, **kwargs)
+        else:
+            with_pe = queries + query_pe
+            queries, _ = self.self_attn(
+                with_pe, key_value_states=queries, key_states=with_pe, residual=queries, **kwargs
+            )
+        queries = self.layer_norm1(queries)
+        keys_pe = keys + key_pe
+        queries = self.layer_norm2(_token_to_image(self.cross_attn_token_to_image, queries, query_pe, keys, keys_pe,
+                                                   **kwargs))  # fmt: skip
+        queries = self.layer_norm3(self.mlp(queries, residual=queries))
+        keys = _image_to_token(self.cross_attn_image_to_token, keys, keys_pe, queries, queries + query_pe, **kwargs)
+        return queries, self.layer_norm4(keys)
+
+
+class HfVlSamTwoWayTransformer(nn.Module):
+    """``num_hidden_layers`` two-way layers, a final token->image attention and LayerNorm."""
+
+    def __init__(self, config: HfVlSamMaskDecoderConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.layers = nn.ModuleList(
+            HfVlSamTwoWayLayer(config, skip_first_layer_pe=index == 0) for index in range(config.num_hidden_layers)
+        )
+        self.final_attn_token_to_image = HfVlAttention(
+            config, hidden, config.num_attention_heads, inner_dim=hidden // config.attention_downsample_rate
+        )
+        self.final_layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+
+    def forward(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embeddings (groups, hidden, h, w), ``groups`` dividing ``rows``: rows / groups consecutive prompts
+        decode against each (groups = rows: one image state per prompt; fewer: shared, computed once);
+        image_pe (1 or groups, hidden, h, w); tokens (rows, tokens, hidden).
+        Returns tokens (rows, tokens, hidden) and image states (rows, h*w, hidden)."""
+        rows, groups = tokens.shape[0], image_embeddings.shape[0]
+        if rows % groups != 0:
+            raise ValueError(f"image_embeddings has {groups} images, which does not divide the {rows} prompt rows")
+        # (groups, hidden, h, w) -> (groups, h*w, hidden)
+        keys = image_embeddings.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        queries = tokens
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, tokens, key_pe, **kwargs)
+        queries = _token_to_image(self.final_attn_token_to_image, queries, tokens, keys, keys + key_pe, **kwargs)
+        if keys.shape[0] != rows:  # no two-way layers: the image states were never expanded per prompt
+            keys = keys.repeat_interleave(rows // keys.shape[0], dim=0)
+        return self.final_layer_norm(queries), keys
+
+
+class HfVlSamFeedForward(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (the original's ``MLP``; keys ``layers.{i}``)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if index < len(self.layers) - 1:
+                hidden_states = torch.relu(hidden_states)
+        return hidden_states
+
+
+def _subpixel_linear_weights(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel-2 stride-2 transposed convolution as a linear map from one input pixel to its 2x2 output pixels.
+
+    weight (in, out, 2, 2) -> (2, 2, out, in) -> (4 * out, in): output features ordered (sub-row, sub-column,
+    channel), so the channels of each output pixel stay contiguous (LayerNorm over them needs no permute)."""
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.in_channels)
+    return weight, conv.bias.repeat(4)
+
+
+class HfVlSamMaskDecoder(HfVlFastLinearModule):
+    """Output tokens + prompt tokens through the two-way transformer; masks from the upscaled image states dotted
+    with per-token hypernetwork outputs; IoU from the IoU token.
+
+    The output upscaling (two kernel-2 stride-2 transposed convolutions) runs as two per-pixel linear maps on the
+    channels-last image states (:func:`_subpixel_linear_weights`): the same arithmetic without the layout
+    round trips, and on the CPU inference fast path with the second GELU fused into its GEMM; the 4x4 sub-pixel
+    grid of each embedding cell is interleaved into the mask only after the hypernetwork product."""
+
+    def __init__(self, config: HfVlSamMaskDecoderConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_mask_tokens = config.num_multimask_outputs + 1
+        self.iou_token = nn.Embedding(1, hidden)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, hidden)
+        self.transformer = HfVlSamTwoWayTransformer(config)
+        self.upscale_conv1 = nn.ConvTranspose2d(hidden, hidden // 4, kernel_size=2, stride=2)
+        self.upscale_layer_norm = HfVlSamLayerNorm2d(hidden // 4, eps=config.upscaling_layer_norm_eps)
+        self.upscale_conv2 = nn.ConvTranspose2d(hidden // 4, hidden // 8, kernel_size=2, stride=2)
+        self.upscale_act = ACT2FN[config.upscaling_act]
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            HfVlSamFeedForward(hidden, hidden, hidden // 8, 3) for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = HfVlSamFeedForward(
+            hidden, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth
+        )
+
+    def _upscale_weights(self, fast: bool, rows: int) -> tuple[torch.Tensor, ...]:
+        """(weight1, bias1, weight2, bias2) of the two upscaling convolutions as linear maps; cached (and pre-packed
+        for oneDNN) on the fast path, rebuilt whenever a source parameter changes."""
+        convs = (self.upscale_conv1, self.upscale_conv2)
+        if not fast:
+            return (*_subpixel_linear_weights(convs[0]), *_subpixel_linear_weights(convs[1]))
+        sources = [p for conv in convs for p in (conv.weight, conv.bias)]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in sources)
+        cached = self._fast_weights.get("upscale")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                weights = []
+                for conv, rows_in in zip(convs, (rows, 4 * rows)):
+                    weight, bias = _subpixel_linear_weights(conv)
+                    if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+                        weight = torch.ops.mkldnn._reorder_linear_weight(weight, max(rows_in, 1))
+                    weights += [weight, bias]
+            cached = self._fast_weights["upscale"] = (key, tuple(weights))
+        return cached[1]
+
+    def upscale(self, image_states: torch.Tensor) -> torch.Tensor:
+        """image_states (rows, h*w, hidden) -> upscaled features (rows, h*w, 16, hidden/8): for each embedding cell
+        its 4x4 output pixels, ordered (sub-row 1, sub-column 1, sub-row 2, sub-column 2)."""
+        params = [p for conv in (self.upscale_conv1, self.upscale_conv2) for p in (conv.weight, conv.bias)]
+        fast = not self.training and can_fuse_linear(image_states, *params)
+        weight1, bias1, weight2, bias2 = self._upscale_weights(fast, image_states.shape[0] * image_states.shape[1])
+        linear = fused_linear if fast else F.linear
+        # (rows, h*w, hidden) -> (rows, h*w, 4, hidden/4): each cell's 2x2 pixels of the first upscaling
+        hidden_states = linear(image_states, weight1, bias1).unflatten(-1, (4, -1))
+        norm = self.upscale_layer_norm
+        hidden_states = self.upscale_act(F.layer_norm(hidden_states, norm.normalized_shape, norm.weight, norm.bias,
+                                                      norm.eps))  # fmt: skip
+        if fast and type(self.upscale_act) is type(ACT2FN["gelu"]):
+            hidden_states = fused_linear(hidden_states, weight2, bias2, "gelu")
+        else:
+            hidden_states = self.upscale_act(linear(hidden_states, weight2, bias2))
+        # (rows, h*w, 4, 4 * hidden/8) -> (rows, h*w, 16, hidden/8)
+        return hidden_states.unflatten(-1, (4, -1)).flatten(2, 3)
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_embeddings: torch.Tensor,
+        dense_embeddings: torch.Tensor,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every mask token's output, the single-mask one first: masks (batch, P, 1 + K, 4h, 4w), IoU (batch, P,
+        1 + K). Shapes of the inputs as in :meth:`forward`."""
+        batch, point_batch = sparse_embeddings.shape[:2]
+        rows = batch * point_batch
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])  # (1 + masks, hidden)
+        output_tokens = output_tokens.expand(rows, -1, -1)
+        tokens = torch.cat([output_tokens, sparse_embeddings.flatten(0, 1).to(output_tokens.dtype)], dim=1)
+        if dense_embeddings.stride(0) == 0 or dense_embeddings.shape[0] == batch:
+            # one dense embedding for all prompts (no mask prompt: an expanded view) or one per image: each image
+            # state is built once and the transformer shares its first layer's image-side work among the prompts
+            image = image_embeddings + dense_embeddings[:batch]
+        else:
+            image = image_embeddings.repeat_interleave(point_batch, dim=0) + dense_embeddings
+        tokens_out, image_states = self.transformer(image, image_pe.unsqueeze(0), tokens, **kwargs)
+        height, width = image.shape[-2:]
+        upscaled = self.upscale(image_states)  # (rows, h*w, 16, hidden/8)
+        hyper_in = torch.stack(
+            [mlp(tokens_out[:, 1 + index]) for index, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )  # (rows, masks, hidden/8)
+        # (rows, masks, hidden/8) @ (rows, hidden/8, h*w*16) -> (rows, masks, h, w, 2, 2, 2, 2) (sub-pixels: row 1,
+        # column 1, row 2, column 2) -> (rows, masks, h, 2, 2, w, 2, 2) -> (rows, masks, 4h, 4w)
+        masks = hyper_in @ upscaled.flatten(1, 2).transpose(1, 2)
+        masks = masks.view(rows, -1, height, width, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        masks = masks.reshape(batch, point_batch, -1, 4 * height, 4 * width)
+        iou_pred = self.iou_prediction_head(tokens_out[:, 0])
+        return masks, iou_pred.reshape(batch, point_batch, -1)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_embeddings: torch.Tensor,
+        dense_embeddings: torch.Tensor,
+        multimask_output: bool,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embeddings (batch, hidden, h, w); image_pe (hidden, h, w); sparse (batch, P, tokens, hidden);
+        dense (batch * P, hidden, h, w). Returns masks (batch, P, M, 4h, 4w) and IoU (batch, P, M): the three
+        multimask outputs (``multimask_output``) or the single-mask one."""
+        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_embeddings, dense_embeddings,
+                                             **kwargs)  # fmt: skip
+        selected = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, :, selected], iou_pred[:, :, selected]
+
+
+__all__ = ["HfVlSamMaskDecoder", "HfVlSamPositionalEmbedding", "HfVlSamPromptEncoder", "HfVlSamTwoWayTransformer"]
