@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from .hf_vl_box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .hf_vl_distributed import gather_batch_sizes, world_size
+from .hf_vl_mask_losses import dice_loss_per_mask, sigmoid_focal_loss_per_mask
 from .hf_vl_matcher import HfVlHungarianMatcher
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
@@ -44,21 +45,13 @@ def global_num_boxes(targets: list[dict[str, torch.Tensor]], device: torch.devic
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: float, alpha: float = 0.25,
                        gamma: float = 2.0) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) of (N, P) mask logits against (N, P) binary targets, mean over P, / num_boxes."""
-    prob = logits.sigmoid()
-    ce_loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_boxes
+    # (N, P) -> (N, 1, P): one mask of 1 x P pixels per row, for the shared per-mask loss
+    return sigmoid_focal_loss_per_mask(logits.unsqueeze(-2), targets.unsqueeze(-2), alpha, gamma).sum() / num_boxes
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: float) -> torch.Tensor:
     """DICE loss (Milletari et al. 2016) of (N, P) mask logits against (N, P) binary targets, / num_boxes."""
-    prob = logits.sigmoid()
-    numerator = 2 * (prob * targets).sum(1)
-    denominator = prob.sum(-1) + targets.sum(-1)
-    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+    return dice_loss_per_mask(logits.unsqueeze(-2), targets.unsqueeze(-2)).sum() / num_boxes
 
 
 def _prediction_index(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:

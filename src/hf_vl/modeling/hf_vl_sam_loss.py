@@ -13,45 +13,16 @@ The paper does not say which masks' IoU predictions are supervised; the official
 (facebookresearch/sam2 ``training/loss_fns.py`` ``MultiStepMultiMasksAndIous``, configs with
 ``supervise_all_iou: true``) supervises all of them, which ``supervise_all_iou=True`` (the default) follows: the IoU
 head ranks the candidates at inference, so it must score the non-selected ones as well. ``False`` supervises only
-the selected mask. The per-mask focal and dice terms equal ``hf_vl_detection_loss``'s (DETR's) before its
-``/ num_boxes`` reduction. Losses are means over prompts: with the same number of prompts on every process, DDP's
+the selected mask. The per-mask focal and dice terms are the shared ``hf_vl_mask_losses`` (DETR reduces them
+``/ num_boxes``). Losses are means over prompts: with the same number of prompts on every process, DDP's
 gradient average equals one process on the global batch. Pure torch (no model, no distributed calls).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
-
-def sigmoid_focal_loss_per_mask(
-    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
-) -> torch.Tensor:
-    """Focal loss of (..., H, W) mask logits against binary targets of the same shape, mean over pixels -> (...)."""
-    prob = logits.sigmoid()
-    ce_loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.flatten(-2).mean(-1)
-
-
-def dice_loss_per_mask(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Dice loss ``1 - (2|p t| + s) / (|p| + |t| + s)`` of (..., H, W) logits (p = sigmoid) and targets -> (...)."""
-    prob = logits.sigmoid().flatten(-2)
-    targets = targets.flatten(-2)
-    numerator = 2 * (prob * targets).sum(-1)
-    denominator = prob.sum(-1) + targets.sum(-1)
-    return 1 - (numerator + smooth) / (denominator + smooth)
-
-
-def binary_mask_iou(pred_masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """IoU of (..., H, W) boolean masks; 0 where both are empty (as SAM 2's loss, union clamped at 1) -> (...)."""
-    pred_masks, targets = pred_masks.bool(), targets.bool()
-    intersection = (pred_masks & targets).flatten(-2).sum(-1)
-    union = (pred_masks | targets).flatten(-2).sum(-1)
-    return intersection.float() / union.clamp(min=1).float()
+from .hf_vl_mask_losses import binary_mask_iou, dice_loss_per_mask, sigmoid_focal_loss_per_mask
 
 
 def _check_inputs(pred_masks, iou_scores, target_masks) -> None:
