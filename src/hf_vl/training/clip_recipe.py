@@ -32,7 +32,7 @@ from ..modeling.modeling_hf_vl_clip import HfVlClipModel
 from ..processing.image_processing_hf_vl_clip import HfVlClipImageProcessor
 from ..processing.processing_hf_vl_clip import HfVlClipProcessor
 from ..processing.tokenization_hf_vl_clip import load_clip_tokenizer
-from .recipe_utils import check_positive, lookup_recipe
+from .recipe_utils import check_positive, lookup_recipe, run_main
 from .probes import GradientCaptureCallback, LossRecordingTrainer
 
 logger = logging.getLogger(__name__)
@@ -347,4 +347,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -36,7 +36,7 @@ from ..modeling.configuration_hf_vl_detr import HfVlDetrConfig
 from ..modeling.hf_vl_resnet import HfVlFrozenBatchNorm2d, HfVlResNetBody
 from ..modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection
 from ..processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
-from .recipe_utils import check_positive, lookup_recipe
+from .recipe_utils import check_positive, lookup_recipe, run_main
 from .collators import with_pixel_values
 from .metrics import coco_map_metric
 
@@ -475,4 +475,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

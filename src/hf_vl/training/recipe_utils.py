@@ -14,3 +14,16 @@ def lookup_recipe(recipes: dict[str, dict], name: str) -> dict:
     if name not in recipes:
         raise ValueError(f"recipe={name!r} is unknown; expected one of {sorted(recipes)}")
     return recipes[name]
+
+
+def run_main(main, argv=None) -> int:
+    """Run a recipe's ``main`` and then tear down torch.distributed if the run (torchrun) set it up: a process that
+    exits with the gloo group still alive can abort in its destructor ("terminate called without an active
+    exception", exit -6) after finishing its work, which torchrun reports as a failed run."""
+    import torch.distributed as dist
+
+    try:
+        return main(argv)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

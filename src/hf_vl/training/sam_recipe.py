@@ -41,7 +41,7 @@ from ..modeling.hf_vl_sam_loss import binary_mask_iou, sam_loss
 from ..modeling.modeling_hf_vl_sam import HfVlSamModel
 from ..processing.image_processing_hf_vl_sam import HfVlSamImageProcessor
 from .probes import GradientCaptureCallback, LossRecordingTrainer
-from .recipe_utils import check_positive, lookup_recipe
+from .recipe_utils import check_positive, lookup_recipe, run_main
 
 logger = logging.getLogger(__name__)
 
@@ -589,4 +589,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

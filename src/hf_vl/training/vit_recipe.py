@@ -25,7 +25,7 @@ from ..data.shapes import SHAPES_CLASS_NAMES, load_shapes
 from ..modeling.configuration_hf_vl_vit import HfVlVitConfig
 from ..modeling.modeling_hf_vl_vit import HfVlVitForImageClassification
 from ..processing.image_processing_hf_vl_vit import HfVlVitImageProcessor
-from .recipe_utils import check_positive, lookup_recipe
+from .recipe_utils import check_positive, lookup_recipe, run_main
 from .collators import ImageClassificationCollator, with_pixel_values
 from .metrics import classification_compute_metrics
 from .probes import GradientCaptureCallback, LossRecordingTrainer
@@ -272,4 +272,4 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = ["VIT_RECIPES", "build_vit_for_shapes", "get_recipe", "one_step_gradients", "train_vit_shapes"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
