@@ -21,9 +21,10 @@ import argparse
 import copy
 import re
 import statistics
-import time
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -36,6 +37,10 @@ from hf_vl.modeling.configuration_hf_vl_clip import HfVlClipConfig, clip_variant
 from hf_vl.modeling.modeling_hf_vl_clip import HfVlClipModel
 from hf_vl.processing.image_processing_hf_vl_clip import HfVlClipImageProcessor
 from hf_vl.processing.tokenization_hf_vl_clip import load_clip_tokenizer
+
+# shared benchmark helpers live next to this script; importable however it is loaded
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import interleaved_times  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = (("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8))
@@ -150,17 +155,6 @@ def embed(name: str, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torc
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _cast(models: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, nn.Module]:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ from hf_vl.conversion.convert_hf_vl_detr import TRANSFORMERS_RULES, backbone_dep
 from hf_vl.conversion.rules import convert_state_dict
 from hf_vl.modeling.configuration_hf_vl_detr import HfVlDetrConfig
 from hf_vl.modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection
+
+# shared benchmark helpers live next to this script; importable however it is loaded
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import interleaved_times  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = (("fp32", 1), ("bf16", 1))
@@ -110,20 +115,6 @@ def _predict(model: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Ten
     """(batch, queries, classes + 1 + 4): logits and boxes side by side, one tensor to compare."""
     out = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
     return torch.cat([out.logits.float(), out.pred_boxes.float()], dim=-1)
-
-
-def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Wall times of each call: ``warmup`` untimed calls each, then ``rounds`` rounds calling them in turn."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _cast(models: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, nn.Module]:

@@ -24,7 +24,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 
 # the reference models live next to this script (shared with bench_sam_amg.py); importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import interleaved_times  # noqa: E402
 from sam_references import (  # noqa: E402
     SAM_MEAN, SAM_STD, TINY, VIT_B, build_hf_vl_sam, build_segment_anything, build_transformers_sam,
 )  # fmt: skip
@@ -111,18 +111,6 @@ def decoder_calls(models: dict, embedding: torch.Tensor, prompts: int) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Wall times of each call, ``warmup`` untimed calls each, then ``rounds`` rounds calling them in turn."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _max_diff(output, reference) -> float:

@@ -18,9 +18,10 @@ import argparse
 import copy
 import re
 import statistics
-import time
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +31,10 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from hf_vl.modeling.configuration_hf_vl_vit import HfVlVitConfig
 from hf_vl.modeling.modeling_hf_vl_vit import HfVlVitForImageClassification
+
+# shared benchmark helpers live next to this script; importable however it is loaded
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import interleaved_times  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = (("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8))
@@ -177,20 +182,6 @@ def photo_batch(batch: int, image_size: int) -> torch.Tensor:
 def _logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     out = model(pixel_values)
     return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Wall times of each call, ``warmup`` untimed calls each, then ``rounds`` rounds calling them in turn."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _cast(models: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, nn.Module]:

@@ -175,3 +175,20 @@ class HfVlMlp(HfVlFastLinearModule):
         if residual is not None and not can_fuse_residual(residual, hidden_states, fc2.out_features):
             return fused_linear(hidden_states, weight, bias) + residual
         return fused_linear(hidden_states, weight, bias, residual=residual)
+
+
+class HfVlMlpStack(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (keys ``layers.{i}``): DETR's box head and SAM's
+    hypernetwork / IoU heads (the ``MLP`` class of facebookresearch/detr and of segment-anything)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if index < len(self.layers) - 1:
+                hidden_states = torch.relu(hidden_states)
+        return hidden_states

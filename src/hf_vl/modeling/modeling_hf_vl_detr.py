@@ -33,7 +33,7 @@ from .hf_vl_attention import HfVlAttention
 from .hf_vl_detection_loss import HfVlDetrSetCriterion
 from .hf_vl_embeddings import sine_position_embedding_2d
 from .hf_vl_matcher import HfVlHungarianMatcher
-from .hf_vl_mlp import HfVlMlp
+from .hf_vl_mlp import HfVlMlp, HfVlMlpStack
 from .hf_vl_resnet import HfVlFrozenBatchNorm2d, HfVlResNetBody
 
 
@@ -357,20 +357,8 @@ def detr_set_loss(config: HfVlDetrConfig, logits, pred_boxes, labels, auxiliary_
     return criterion(logits, pred_boxes, labels, auxiliary_outputs, pred_masks=pred_masks)
 
 
-class HfVlDetrMlpHead(nn.Module):
-    """The box head: ``num_layers`` linear layers with ReLU between them (the original's ``MLP``)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for index, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states)
-            if index < len(self.layers) - 1:
-                hidden_states = nn.functional.relu(hidden_states)
-        return hidden_states
+class HfVlDetrMlpHead(HfVlMlpStack):
+    """The box head (the original's ``MLP``): the shared linear/ReLU stack."""
 
 
 class HfVlDetrForObjectDetection(HfVlDetrPreTrainedModel):

@@ -39,7 +39,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig, HfVlSamPromptEncoderConfig, HfVlSamVisionConfig
 from .hf_vl_attention import HfVlAttention, eager_attention_forward
 from .hf_vl_embeddings import HfVlRandomFourierPositionEmbedding
-from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlp, can_fuse_linear, fused_linear
+from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlp, HfVlMlpStack, can_fuse_linear, fused_linear
 from .modeling_hf_vl_sam_vision import HfVlSamLayerNorm2d
 
 PAD_LABEL = -10  # transformers SamProcessor's padding label: the point contributes nothing
@@ -313,20 +313,8 @@ class HfVlSamTwoWayTransformer(nn.Module):
         return self.final_layer_norm(queries), keys
 
 
-class HfVlSamFeedForward(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (the original's ``MLP``; keys ``layers.{i}``)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for index, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states)
-            if index < len(self.layers) - 1:
-                hidden_states = torch.relu(hidden_states)
-        return hidden_states
+class HfVlSamFeedForward(HfVlMlpStack):
+    """The original's ``MLP`` (keys ``layers.{i}``): the shared linear/ReLU stack."""
 
 
 def _subpixel_linear_weights(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
