@@ -32,7 +32,7 @@ from ..modeling.modeling_hf_vl_clip import HfVlClipModel
 from ..processing.image_processing_hf_vl_clip import HfVlClipImageProcessor
 from ..processing.processing_hf_vl_clip import HfVlClipProcessor
 from ..processing.tokenization_hf_vl_clip import load_clip_tokenizer
-from .recipe_utils import check_positive, lookup_recipe, run_main
+from .recipe_utils import add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, run_main
 from .probes import GradientCaptureCallback, LossRecordingTrainer
 
 logger = logging.getLogger(__name__)
@@ -297,19 +297,10 @@ def clip_one_step_gradients(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hf_vl.training.clip_recipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="directory for the trained model (or the one-step dump)")
-    parser.add_argument("--recipe", default=None, choices=sorted(CLIP_RECIPES),
-                        help="default: clip-shapes-rn (training), clip-shapes-vit (--one-step)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--num-eval", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--one-step", action="store_true", help="one step on a fixed batch; save loss + gradients")
-    parser.add_argument("--global-batch", type=int, default=8, help="--one-step: pairs in the global batch")
-    parser.add_argument("--expect-world-size", type=int, default=None, help="fail unless this many processes run")
+    parser = recipe_parser("clip_recipe", __doc__.split("\n\n")[0], CLIP_RECIPES, None, epochs_type=int,
+                           learning_rate=False,
+                           recipe_help="default: clip-shapes-rn (training), clip-shapes-vit (--one-step)")  # fmt: skip
+    add_one_step_arguments(parser, "pairs", grad_accum=False)
     return parser
 
 

@@ -36,7 +36,7 @@ from ..modeling.configuration_hf_vl_detr import HfVlDetrConfig
 from ..modeling.hf_vl_resnet import HfVlFrozenBatchNorm2d, HfVlResNetBody
 from ..modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection
 from ..processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
-from .recipe_utils import check_positive, lookup_recipe, run_main
+from .recipe_utils import check_positive, lookup_recipe, recipe_parser, run_main
 from .collators import with_pixel_values
 from .metrics import coco_map_metric
 
@@ -429,18 +429,9 @@ def evaluate_detr(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hf_vl.training.detr_recipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="directory for the trained model and metrics.json")
-    parser.add_argument("--recipe", default="detr-shapes-tiny", choices=sorted(DETR_RECIPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--num-eval", type=int, default=None)
-    parser.add_argument("--epochs", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--max-steps", type=int, default=-1)
+    parser = recipe_parser("detr_recipe", __doc__.split("\n\n")[0], DETR_RECIPES, "detr-shapes-tiny",
+                           output_help="directory for the trained model and metrics.json")  # fmt: skip
     parser.add_argument("--pretrain-steps", type=int, default=None, help="trunk pretraining steps (0: none)")
-    parser.add_argument("--expect-world-size", type=int, default=None, help="fail unless this many processes run")
     return parser
 
 

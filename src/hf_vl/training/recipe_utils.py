@@ -1,4 +1,4 @@
-"""Helpers shared by the Trainer recipes (``vit_recipe``, ``clip_recipe``, ``detr_recipe``)."""
+"""Helpers shared by the Trainer recipes (``vit_recipe``, ``clip_recipe``, ``detr_recipe``, ``sam_recipe``)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,35 @@ def run_main(main, argv=None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def recipe_parser(module: str, description: str, recipes: dict, default_recipe: str | None, *,
+                  recipe_help: str | None = None, epochs_type: type = float, batch_size: bool = True,
+                  learning_rate: bool = True, output_help: str = "directory for the trained model (or the one-step "
+                  "dump)"):  # fmt: skip
+    """The command line every recipe shares (``python -m hf_vl.training.<module>``); recipes add their own flags.
+    ``batch_size`` / ``learning_rate``: offer those overrides only where the recipe honours them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m hf_vl.training.{module}", description=description)
+    parser.add_argument("--output", required=True, help=output_help)
+    parser.add_argument("--recipe", default=default_recipe, choices=sorted(recipes), help=recipe_help)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-train", type=int, default=None)
+    parser.add_argument("--num-eval", type=int, default=None)
+    parser.add_argument("--epochs", type=epochs_type, default=None)
+    if batch_size:
+        parser.add_argument("--batch-size", type=int, default=None)
+    if learning_rate:
+        parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--expect-world-size", type=int, default=None, help="fail unless this many processes run")
+    return parser
+
+
+def add_one_step_arguments(parser, unit: str, grad_accum: bool = True) -> None:
+    """``--one-step`` (one optimiser step on a fixed global batch, for the distributed-equivalence tests)."""
+    parser.add_argument("--one-step", action="store_true", help="one step on a fixed batch; save loss + gradients")
+    parser.add_argument("--global-batch", type=int, default=8, help=f"--one-step: {unit} in the global batch")
+    if grad_accum:
+        parser.add_argument("--grad-accum", type=int, default=1, help="--one-step: gradient accumulation steps")

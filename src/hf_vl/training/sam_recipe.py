@@ -41,7 +41,7 @@ from ..modeling.hf_vl_sam_loss import binary_mask_iou, sam_loss
 from ..modeling.modeling_hf_vl_sam import HfVlSamModel
 from ..processing.image_processing_hf_vl_sam import HfVlSamImageProcessor
 from .probes import GradientCaptureCallback, LossRecordingTrainer
-from .recipe_utils import check_positive, lookup_recipe, run_main
+from .recipe_utils import add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, run_main
 
 logger = logging.getLogger(__name__)
 
@@ -540,21 +540,9 @@ def quickstart_sam(output_dir, fast: bool = True, recipe: str = "sam-shapes-tiny
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hf_vl.training.sam_recipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="directory for the trained model (or the one-step dump)")
-    parser.add_argument("--recipe", default="sam-shapes-tiny", choices=sorted(SAM_RECIPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--num-eval", type=int, default=None)
-    parser.add_argument("--epochs", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--max-steps", type=int, default=-1)
+    parser = recipe_parser("sam_recipe", __doc__.split("\n\n")[0], SAM_RECIPES, "sam-shapes-tiny")
     parser.add_argument("--no-cache", action="store_true", help="run the frozen encoder every step")
-    parser.add_argument("--one-step", action="store_true", help="one step on a fixed batch; save loss + gradients")
-    parser.add_argument("--global-batch", type=int, default=8, help="--one-step: images in the global batch")
-    parser.add_argument("--grad-accum", type=int, default=1, help="--one-step: gradient accumulation steps")
-    parser.add_argument("--expect-world-size", type=int, default=None, help="fail unless this many processes run")
+    add_one_step_arguments(parser, "images")
     return parser
 
 

@@ -25,7 +25,7 @@ from ..data.shapes import SHAPES_CLASS_NAMES, load_shapes
 from ..modeling.configuration_hf_vl_vit import HfVlVitConfig
 from ..modeling.modeling_hf_vl_vit import HfVlVitForImageClassification
 from ..processing.image_processing_hf_vl_vit import HfVlVitImageProcessor
-from .recipe_utils import check_positive, lookup_recipe, run_main
+from .recipe_utils import add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, run_main
 from .collators import ImageClassificationCollator, with_pixel_values
 from .metrics import classification_compute_metrics
 from .probes import GradientCaptureCallback, LossRecordingTrainer
@@ -231,18 +231,9 @@ def one_step_gradients(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hf_vl.training.vit_recipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="directory for the trained model (or the one-step dump)")
-    parser.add_argument("--recipe", default="vit-shapes-tiny", choices=sorted(VIT_RECIPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--num-eval", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--one-step", action="store_true", help="one step on a fixed batch; save loss + gradients")
-    parser.add_argument("--global-batch", type=int, default=8, help="--one-step: examples in the global batch")
-    parser.add_argument("--grad-accum", type=int, default=1, help="--one-step: gradient accumulation steps")
-    parser.add_argument("--expect-world-size", type=int, default=None, help="fail unless this many processes run")
+    parser = recipe_parser("vit_recipe", __doc__.split("\n\n")[0], VIT_RECIPES, "vit-shapes-tiny", epochs_type=int,
+                           batch_size=False, learning_rate=False)  # fmt: skip
+    add_one_step_arguments(parser, "examples")
     return parser
 
 
