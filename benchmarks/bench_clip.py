@@ -40,7 +40,7 @@ from hf_vl.processing.tokenization_hf_vl_clip import load_clip_tokenizer
 
 # shared benchmark helpers live next to this script; importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_timing import interleaved_times  # noqa: E402
+from bench_timing import interleaved_times, parse_dtype_batch_cases  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = (("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8))
@@ -217,19 +217,14 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _parse_cases(text: str) -> tuple[tuple[str, int], ...]:
-    try:
-        return tuple((dtype, int(batch)) for dtype, batch in (item.split(":") for item in text.split(",")))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected dtype:batch[,dtype:batch...], got {text!r}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="7 rounds per case instead of 15")
     parser.add_argument("--pairs", type=int, default=None, help="interleaved rounds per case")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: ViT-B/32,RN50")
-    parser.add_argument("--cases", type=_parse_cases, default=CASES, help="e.g. fp32:1,bf16:8 (default: all four)")
+    parser.add_argument(
+        "--cases", type=parse_dtype_batch_cases, default=CASES, help="e.g. fp32:1,bf16:8 (default: all four)"
+    )
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]

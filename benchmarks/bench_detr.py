@@ -41,7 +41,7 @@ from hf_vl.modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection
 
 # shared benchmark helpers live next to this script; importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_timing import interleaved_times  # noqa: E402
+from bench_timing import interleaved_times, parse_dtype_batch_cases  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = (("fp32", 1), ("bf16", 1))
@@ -183,13 +183,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _parse_cases(text: str) -> tuple[tuple[str, int], ...]:
-    try:
-        return tuple((dtype, int(batch)) for dtype, batch in (item.split(":") for item in text.split(",")))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected dtype:batch[,dtype:batch...], got {text!r}") from None
-
-
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
@@ -202,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 rounds per case instead of 9")
     parser.add_argument("--pairs", type=int, default=None, help="interleaved rounds per case")
-    parser.add_argument("--cases", type=_parse_cases, default=CASES, help="e.g. fp32:1,bf16:2 (default fp32:1,bf16:1)")
+    parser.add_argument(
+        "--cases", type=parse_dtype_batch_cases, default=CASES, help="e.g. fp32:1,bf16:2 (default fp32:1,bf16:1)"
+    )
     parser.add_argument("--size", type=_parse_size, default=(800, 1066), help="input HEIGHTxWIDTH (default 800x1066)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
     args = parser.parse_args(argv)

@@ -35,8 +35,13 @@ from torch import nn
 # the reference models live next to this script (shared with bench_sam.py); importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sam_references import (  # noqa: E402
-    TINY, VIT_B, build_hf_vl_sam, build_segment_anything, build_transformers_sam, segment_anything_to_transformers_state,
-)  # fmt: skip
+    TINY,
+    VIT_B,
+    build_hf_vl_sam,
+    build_segment_anything,
+    build_transformers_sam,
+    segment_anything_to_transformers_state,
+)
 
 # thresholds 0 as in benchmarks.md's reference figure: every one of the 3 x grid candidates reaches NMS
 BENCH_AMG = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7)
@@ -45,16 +50,15 @@ BENCH_AMG = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh
 # ----------------------------------------------------------------------------------------------- models
 def build_models(config: dict, seed: int = 0, with_hf_vl_model: bool = True) -> dict[str, nn.Module]:
     """``segment_anything`` (random weights), ``transformers`` (same weights) and ``amg_model``: the model hf_vl's
-    generator runs (HfVlSamModel when available and ``with_hf_vl_model``, else the transformers model)."""
+    generator runs (HfVlSamModel with ``with_hf_vl_model``, else the transformers model)."""
     return build_models_from(build_segment_anything(config, seed), config, with_hf_vl_model)
 
 
 def build_models_from(sam: nn.Module, config: dict, with_hf_vl_model: bool = True) -> dict[str, nn.Module]:
     """:func:`build_models` for a given segment-anything model (e.g. after :func:`vary_masks`)."""
     transformers_model = build_transformers_sam(sam, config)
-    hf_vl_model = build_hf_vl_sam(sam, config) if with_hf_vl_model else None
-    return dict(segment_anything=sam, transformers=transformers_model,
-                amg_model=hf_vl_model if hf_vl_model is not None else transformers_model)
+    amg_model = build_hf_vl_sam(sam, config) if with_hf_vl_model else transformers_model
+    return dict(segment_anything=sam, transformers=transformers_model, amg_model=amg_model)
 
 
 def vary_masks(sam: nn.Module, logit_scale: float = 300.0) -> nn.Module:
