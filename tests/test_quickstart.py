@@ -24,6 +24,11 @@ def test_quickstart_fast(tmp_path, capsys):
     clip = summaries["clip"]
     assert (Path(clip["bundle"]) / "config.json").is_file()
     assert 0.0 <= clip["pipeline_heldout_accuracy"] <= 1.0
+    detr = summaries["detr"]
+    assert "[detr]" in out and (Path(detr["bundle"]) / "config.json").is_file()
+    assert any(path.name.startswith("modeling_hf_vl_detr") for path in Path(detr["bundle"]).glob("*.py"))
+    # the stock object-detection pipeline on the reloaded bundle scores as the trained model did in Trainer
+    assert abs(detr["pipeline_test_map"] - detr["trainer_test_map"]) <= 0.01
     sam = summaries["sam"]
     assert "[sam]" in out and (Path(sam["bundle"]) / "config.json").is_file()
     assert sam["photo_masks"] > 0 and Path(sam["photo_overlay"]).is_file()

@@ -82,6 +82,43 @@ def clip_step(output_dir: Path, fast: bool) -> dict:
     }
 
 
+def detr_step(output_dir: Path, fast: bool) -> dict:
+    """Train a small DETR on shapes detection, export it, reload the bundle with the stock object-detection
+    pipeline and score its detections on held-out images with COCO box mAP (the shipped pycocotools metric)."""
+    from transformers import pipeline
+
+    from .data.shapes import load_shapes
+    from .export import export_bundle
+    from .training.detr_recipe import get_recipe, train_detr_shapes
+    from .training.metrics import coco_map_metric
+
+    # fast: a few steps for the tests; it exercises train -> export -> pipeline, its mAP is near untrained
+    budget = dict(num_train=64, max_steps=4, num_eval=16, pretrain_steps=2) if fast else {}
+    metrics, model_dir = train_detr_shapes(output_dir / "detr", **budget)
+    bundle = export_bundle(model_dir, output_dir / "detr-bundle", overwrite=True)
+    detector = pipeline("object-detection", model=str(bundle), trust_remote_code=True)
+    data = get_recipe("detr-shapes-tiny")["data"]
+    test = load_shapes("test", num_images=metrics["test_num_images"], image_size=data["image_size"],
+                       task="detection", num_objects=data["num_objects"])  # fmt: skip
+    label2id = detector.model.config.label2id
+    predictions, references = [], []
+    for detections, example in zip(detector(list(test["image"]), threshold=0.0, batch_size=50), test):
+        boxes = [[d["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")] for d in detections]
+        predictions.append({"boxes": boxes, "scores": [d["score"] for d in detections],
+                            "labels": [label2id[d["label"]] for d in detections]})  # fmt: skip
+        # references: the dataset's xywh pixel boxes as xyxy
+        references.append({"boxes": [[x, y, x + w, y + h] for x, y, w, h in example["objects"]["bbox"]],
+                           "labels": example["objects"]["category"]})  # fmt: skip
+    pipeline_map = coco_map_metric().compute(predictions=predictions, references=references)["map"]
+    return {
+        "task": f"detect and name 1-{data['num_objects'][1]} shapes per image, COCO box mAP on held-out images",
+        "untrained_map": round(metrics["untrained_map"], 4),
+        "trainer_test_map": round(metrics["test_map"], 4),
+        "pipeline_test_map": round(pipeline_map, 4),
+        "bundle": str(bundle),
+    }
+
+
 def _overlay(image, masks, path: Path) -> None:
     """Save the photograph with each mask tinted in its own colour (largest first, so small masks stay visible)."""
     import numpy as np
@@ -136,7 +173,9 @@ def sam_step(output_dir: Path, fast: bool, sam_checkpoint: str | None = None) ->
     }
 
 
-STEPS: dict[str, Callable[[Path, bool], dict]] = {"vit": vit_step, "clip": clip_step, "sam": sam_step}
+STEPS: dict[str, Callable[[Path, bool], dict]] = {
+    "vit": vit_step, "clip": clip_step, "detr": detr_step, "sam": sam_step
+}
 
 
 def run_quickstart(

@@ -382,6 +382,24 @@ class ModelTesterMixin:
         built = self.build(model_class, config)
         assert all(torch.isfinite(t).all() for t in built.state_dict().values() if t.is_floating_point())
 
+    def test_init_reaches_every_module(self, model_class, monkeypatch):
+        """``_init_weights`` is called for every module, including containers without parameters of their own
+        (``HfVlAttention``, ``HfVlMlp``, a ResNet body), which transformers skips for out-of-tree models unless
+        ``HfVlPreTrainedModel`` says otherwise; a skipped one silently keeps the generic normal(0.02) init."""
+        from hf_vl.modeling.hf_vl_pretrained import HfVlPreTrainedModel
+
+        reached = set()
+        generic = transformers.PreTrainedModel._init_weights
+
+        def spy(model, module):
+            reached.add(id(module))
+            generic(model, module)
+
+        monkeypatch.setattr(HfVlPreTrainedModel, "_init_weights", spy, raising=False)
+        model = self.build(model_class)
+        missed = sorted({type(m).__name__ for m in model.modules() if id(m) not in reached})
+        assert not missed, f"_init_weights never sees these modules: {missed}"
+
     def test_init_is_deterministic_under_seed(self, model_class):
         config = self.tester.get_config()
         first = self.build(model_class, config, seed=123).state_dict()

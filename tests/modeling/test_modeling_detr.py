@@ -195,6 +195,25 @@ def test_full_size_parameter_count_matches_the_original():
     assert sum(t.numel() for t in model.state_dict().values()) == 41_631_008
 
 
+def test_init_follows_the_original():
+    """The original's init (models/transformer.py ``_reset_parameters``, torchvision's ResNet, ``nn.Embedding``):
+    Xavier-uniform matrices in the transformer, Kaiming-normal (fan_out) trunk convolutions, unit-variance query
+    positions. With transformers' generic normal(0.02) instead, every query starts out nearly identical and the
+    shapes recipe never learned classes (the bug HfVlPreTrainedModel fixes)."""
+    model = _model(hidden_size=64, num_queries=64)
+    queries = model.detr.query_position_embeddings.weight
+    assert 0.9 < float(queries.std()) < 1.1
+    for linear in (model.detr.encoder.layers[0].self_attn.q_proj, model.detr.decoder.layers[0].mlp.fc1):
+        fan_out, fan_in = linear.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert float(linear.weight.abs().max()) <= bound
+        assert float(linear.weight.std()) == pytest.approx(bound / 3**0.5, rel=0.1)
+        assert not linear.bias.any()
+    conv = model.detr.backbone.body.layer1[0].conv1
+    fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+    assert float(conv.weight.std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+
+
 def test_stem_and_layer1_are_frozen_as_in_the_original():
     model = _model()
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
@@ -290,19 +309,54 @@ def test_no_pixel_mask_means_all_pixels_valid():
     torch.testing.assert_close(implicit.logits, explicit.logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mask_resolution", ["pixels", "features"])
+def test_cached_backbone_features_give_the_same_outputs(mask_resolution):
+    """``get_backbone_features`` once, then ``forward(backbone_features=...)``: the same logits, boxes and loss as
+    from pixels (the padding mask may be at pixel or feature resolution; it is downsampled either way)."""
+    model = _model()
+    inputs, labels = tiny_pixels(2), tiny_labels(2)
+    mask = inputs["pixel_mask"]
+    if mask_resolution == "features":  # nearest downsampling, as the backbone does
+        mask = torch.nn.functional.interpolate(mask[None].float(), size=(HEIGHT // 32, WIDTH // 32))[0].long()
+    with torch.no_grad():
+        features = model.detr.get_backbone_features(inputs["pixel_values"])
+        assert features.shape == (2, model.detr.backbone.body.channels[-1], HEIGHT // 32, WIDTH // 32)
+        from_pixels = model(**inputs, labels=labels)
+        from_features = model(backbone_features=features, pixel_mask=mask, labels=labels)
+    for field in ("logits", "pred_boxes", "loss"):
+        torch.testing.assert_close(getattr(from_features, field), getattr(from_pixels, field), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error", "match"),
+    [
+        ({}, ValueError, "exactly one of pixel_values and backbone_features"),
+        ({"pixel_values": torch.randn(1, 3, 64, 64), "backbone_features": torch.randn(1, 512, 2, 2)}, ValueError,
+         "exactly one"),
+        ({"backbone_features": torch.randn(1, 256, 2, 2)}, ValueError, r"must have shape \(batch, 512"),
+        ({"backbone_features": torch.ones(1, 512, 2, 2, dtype=torch.long)}, TypeError, "floating-point"),
+    ],
+)
+def test_bad_backbone_features(inputs, error, match):
+    with pytest.raises(error, match=match):
+        _model()(**inputs)
+
+
 def test_auxiliary_outputs_are_the_earlier_decoder_layers():
     model = _model(decoder_layers=3)
     inputs = tiny_pixels(2)
     with torch.no_grad():
-        out = model(**inputs)
+        out = model(**inputs, labels=tiny_labels(2))
         base = model.detr(**inputs)
+        # only with labels (they feed the loss), as transformers' DETR: a per-layer list breaks pipeline batching
+        assert model(**inputs).auxiliary_outputs is None
     assert len(out.auxiliary_outputs) == 2
     assert base.intermediate_hidden_states.shape == (3, 2, NUM_QUERIES, HIDDEN)
     torch.testing.assert_close(base.intermediate_hidden_states[-1], base.last_hidden_state)
     logits, boxes = model.predict(base.intermediate_hidden_states[0])
     torch.testing.assert_close(out.auxiliary_outputs[0]["logits"], logits)
     torch.testing.assert_close(out.auxiliary_outputs[0]["pred_boxes"], boxes)
-    assert _model(auxiliary_loss=False)(**tiny_pixels(1)).auxiliary_outputs is None
+    assert _model(auxiliary_loss=False)(**tiny_pixels(1), labels=tiny_labels(1)).auxiliary_outputs is None
 
 
 def test_boxes_are_normalised_cxcywh():

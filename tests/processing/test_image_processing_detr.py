@@ -134,6 +134,18 @@ def test_object_detection_pipeline(tiny_detr_dir, coffee):
     assert sorted(r["score"] for r in results) == pytest.approx(sorted(expected["scores"].tolist()), abs=1e-6)
 
 
+def test_object_detection_pipeline_batches(tiny_detr_dir, coffee):
+    """batch_size > 1 (the pipeline splits the model's batched outputs per image): the same detections as one by
+    one. With 2 decoder layers this broke while the model returned its per-layer auxiliary outputs at inference."""
+    detector = transformers.pipeline("object-detection", model=str(tiny_detr_dir))
+    images = [coffee, coffee.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    batched = detector(images, threshold=0.0, batch_size=2)
+    for image, detections in zip(images, batched):
+        single = detector(image, threshold=0.0)
+        assert [d["label"] for d in detections] == [d["label"] for d in single]
+        assert [d["score"] for d in detections] == pytest.approx([d["score"] for d in single], abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_panoptic_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_detr_panoptic") / "model"

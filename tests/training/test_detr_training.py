@@ -26,16 +26,16 @@ from hf_vl.training.detr_recipe import (
     pretrain_trunk,
     train_detr_shapes,
     unique_records,
+    with_backbone_features,
 )
 from hf_vl.training.metrics import coco_map_metric
 
 BOX = [10.0, 20.0, 30.0, 40.0]  # xyxy, 20 x 20 pixels
-# The target for the trained recipe. NOT reached yet: measured test mAP 2.1e-6 (untrained 0.0) after the recipe's
-# 500 steps; the loss plateaus at ~14 and only starts to fall (13.0) at the end. See the xfail below. Also tried
-# (plain loop, 100 test images): 1-3 shapes / 8 queries with lr 5e-4 (random trunk) or 3e-4 (pretrained trunk):
-# loss ~13.7 after 600-800 steps, mAP 0; frozen pretrained trunk (pretrain_steps=150) with lr 1e-3: boxes learn
-# (loss 9.2, L1 0.21, GIoU loss 0.58 after 1500 steps) but classes stay at the prior (loss_ce ~1.9), mAP 3e-4.
-MAP_FLOOR = 0.1
+# Floors for the trained recipe, below what it measured (test mAP 0.080 / mAP@0.5 0.216 with 1 thread, 0.063 / 0.192
+# with 2; untrained 2e-7): the run is seeded, but the thread count changes float sums. Before hf_vl's init reached every
+# module (HfVlPreTrainedModel) the transformer kept transformers' normal(0.02) init, every query started the same, and
+# the recipe stayed at ~0.
+MAP_FLOOR, MAP50_FLOOR = 0.04, 0.12
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +167,11 @@ def test_calibrated_trunk_gives_unit_scale_features():
     keys = sorted(model.state_dict())
     body = model.detr.backbone.body
     with torch.no_grad():
-        before = float(body(pixel_values)["layer4"].std())
         calibrate_frozen_batch_norm(model, pixel_values)
+        stem = body.bn1(body.conv1(pixel_values))  # the first calibrated norm's output: normalised per channel
         after = float(body(pixel_values)["layer4"].std())
-    assert before < 0.1  # identity frozen norms: the random trunk's features all but vanish
+    torch.testing.assert_close(stem.mean(dim=(0, 2, 3)), torch.zeros(stem.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(stem.var(dim=(0, 2, 3)), torch.ones(stem.shape[1]), atol=1e-2, rtol=1e-2)
     assert 0.5 < after < 2.0, after
     assert sorted(model.state_dict()) == keys  # the frozen norms are back, with new statistics only
     assert type(body.layer2[0].bn1).__name__ == "HfVlFrozenBatchNorm2d"
@@ -192,6 +193,26 @@ def test_pretrained_trunk_replaces_the_random_one():
     with pytest.raises(ValueError, match="steps"):
         pretrain_trunk(model, steps=0, num_images=8, image_size=(32, 48), input_size=48, batch_size=8,
                        learning_rate=1e-3)  # fmt: skip
+
+
+def test_cached_trunk_features_replace_pixels_only_for_a_frozen_trunk():
+    model, processor = build_detr_for_shapes(seed=0)
+    dataset = detection_dataset("train", 4, processor, image_size=(64, 128))
+    with pytest.raises(ValueError, match="trainable"):
+        with_backbone_features(dataset, model)
+    model.detr.backbone.requires_grad_(False)
+    cached = with_backbone_features(dataset, model)
+    assert "pixel_values" not in cached.column_names and cached[0]["backbone_features"].shape == (512, 4, 4)
+    assert model.training  # the mode is restored after computing the features
+    collator = DetrShapesCollator()
+    from_pixels, from_features = collator(list(dataset)), collator(list(cached))
+    assert set(from_features) == {"backbone_features", "labels"}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**from_pixels)
+        actual = model(**from_features)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_unique_records_drops_padding_duplicates(coco_map):
@@ -286,13 +307,10 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,  # an XPASS fails: remove this marker (and set MAP_FLOOR from a measurement) once the recipe converges
-    reason="detr-shapes-tiny does not converge within its budget yet: test mAP 2.1e-6 after 500 steps",
-)
 def test_recipe_trains_far_above_untrained(tmp_path):
+    """The whole default recipe (trunk pretraining, cached trunk features, 6000 steps): ~6-10 minutes."""
     metrics, _ = train_detr_shapes(tmp_path / "detr")
-    assert metrics["test_num_images"] == 200
-    assert metrics["test_map"] >= MAP_FLOOR, metrics
+    assert metrics["test_num_images"] == 200 and metrics["train_steps"] == 6000
+    assert metrics["test_map"] >= MAP_FLOOR and metrics["test_map_50"] >= MAP50_FLOOR, metrics
     assert metrics["test_map"] >= 3 * metrics["untrained_map"] + MAP_FLOOR / 2, metrics
     assert metrics["test_loss"] < metrics["untrained_loss"]

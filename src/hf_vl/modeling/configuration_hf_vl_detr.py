@@ -44,7 +44,7 @@ class HfVlDetrConfig(PreTrainedConfig):
         num_queries: number of object queries (detection slots).
         position_embedding_temperature: temperature of the sine position encoding (10000).
         auxiliary_loss: apply the loss to every decoder layer's output (the original's ``aux_loss``); the model
-            then also returns ``auxiliary_outputs``.
+            then also returns ``auxiliary_outputs`` when given ``labels``.
         class_cost, bbox_cost, giou_cost: Hungarian matching costs (1, 5, 2).
         eos_coefficient: cross-entropy weight of the "no object" class (0.1).
         class_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient: loss weights (1, 5, 2).

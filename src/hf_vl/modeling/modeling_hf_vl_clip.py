@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
@@ -42,6 +41,7 @@ from .hf_vl_clip_resnet import (
 from .hf_vl_contrastive_loss import clip_contrastive_loss
 from .hf_vl_embeddings import interpolate_learned_position_embeddings
 from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlp, can_fuse_linear, fused_linear
+from .hf_vl_pretrained import HfVlPreTrainedModel
 from .hf_vl_transformer_layers import HfVlPreNormLayer
 from .modeling_hf_vl_vit import check_pixel_values
 
@@ -225,7 +225,7 @@ class HfVlClipEncoder(nn.Module):
         return hidden_states
 
 
-class HfVlClipPreTrainedModel(PreTrainedModel):
+class HfVlClipPreTrainedModel(HfVlPreTrainedModel):
     config_class = HfVlClipConfig
     base_model_prefix = "clip"
     input_modalities = ("image", "text")
@@ -244,13 +244,6 @@ class HfVlClipPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": [HfVlPreNormLayer, HfVlClipResNetStage], "attentions": HfVlAttention}
     # a mean loss: Trainer must keep dividing by gradient-accumulation steps (ecosystem.md section 4.3)
     accepts_loss_kwargs = False
-
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # transformers treats every model outside its own package as "custom code" and then skips modules without
-        # parameters of their own (HfVlAttention, HfVlMlp, HfVlClipBottleneck), so their CLIP init would never
-        # run. That guard protects in-place inits from overwriting loaded weights; _init_weights below only uses
-        # transformers.initialization, which skips loaded tensors itself, so the guard is not needed.
-        super()._initialize_weights(module, is_custom_code=False)
 
     def _init_weights(self, module):
         """OpenAI's ``initialize_parameters`` (clip/model.py), scaled by ``initializer_factor``."""

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
@@ -34,6 +33,7 @@ from .hf_vl_detection_loss import HfVlDetrSetCriterion
 from .hf_vl_embeddings import sine_position_embedding_2d
 from .hf_vl_matcher import HfVlHungarianMatcher
 from .hf_vl_mlp import HfVlMlp, HfVlMlpStack
+from .hf_vl_pretrained import HfVlPreTrainedModel
 from .hf_vl_resnet import HfVlFrozenBatchNorm2d, HfVlResNetBody
 
 
@@ -66,7 +66,8 @@ class HfVlDetrObjectDetectionOutput(ModelOutput):
     loss: weighted set loss (with ``labels``); loss_dict: its unweighted terms (``loss_ce``, ``loss_bbox``, ...).
     logits: (batch, num_queries, num_labels + 1), the last column "no object".
     pred_boxes: (batch, num_queries, 4) normalised (cx, cy, w, h) relative to each image's unpadded size.
-    auxiliary_outputs: ``{"logits", "pred_boxes"}`` of decoder layers 0 .. L-2 (with ``config.auxiliary_loss``).
+    auxiliary_outputs: ``{"logits", "pred_boxes"}`` of decoder layers 0 .. L-2 (with ``config.auxiliary_loss`` and
+    ``labels``, as transformers' DETR: a list per layer, which pipelines could not split into per-image outputs).
     Other fields as ``HfVlDetrModelOutput``.
     """
 
@@ -180,14 +181,17 @@ class HfVlDetrBackbone(nn.Module):
         encoding (batch, hidden, h, w) in the features' dtype.
         """
         features = self.body(pixel_values)
-        last = features[self.body.out_features[-1]]
+        return (features, *self.mask_and_position(features[self.body.out_features[-1]], pixel_mask))
+
+    def mask_and_position(self, last: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last map's (batch, C, h, w) valid mask (batch, h, w) bool and sine encoding (batch, hidden, h, w)."""
         # nearest downsampling of the mask, as the original (backbone.py ``BackboneBase.forward``)
         mask = nn.functional.interpolate(pixel_mask[None].float(), size=last.shape[-2:]).to(torch.bool)[0]
         position = sine_position_embedding_2d(mask, self.num_pos_feats, self.temperature).to(last.dtype)
-        return features, mask, position
+        return mask, position
 
 
-class HfVlDetrPreTrainedModel(PreTrainedModel):
+class HfVlDetrPreTrainedModel(HfVlPreTrainedModel):
     config_class = HfVlDetrConfig
     base_model_prefix = "detr"
     main_input_name = "pixel_values"
@@ -241,13 +245,43 @@ class HfVlDetrModel(HfVlDetrPreTrainedModel):
         self.decoder = HfVlDetrDecoder(config)
         self.post_init()
 
-    def encode(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, collect: dict, **kwargs):
-        """Backbone and encoder. Returns (features, mask, projected map, memory, position, key mask)."""
+    def get_backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The ResNet's last feature map (batch, C, H / 32, W / 32) (H / 16 with DC5): the expensive part, which
+        ``forward(backbone_features=...)`` takes instead of pixels, e.g. cached once while the trunk is frozen."""
         check_pixel_values(pixel_values, self.config.num_channels)
-        pixel_values = pixel_values.to(self.input_projection.weight.dtype)  # pipelines load with dtype="auto"
-        if pixel_mask is None:
-            pixel_mask = torch.ones(pixel_values.shape[:1] + pixel_values.shape[2:], device=pixel_values.device)
-        features, mask, position = self.backbone(pixel_values, pixel_mask)
+        pixel_values = pixel_values.to(self.input_projection.weight.dtype)
+        return self.backbone.body(pixel_values)[self.backbone.body.out_features[-1]]
+
+    def _check_backbone_features(self, backbone_features) -> None:
+        channels = self.backbone.body.channels[-1]
+        if not isinstance(backbone_features, torch.Tensor) or not backbone_features.is_floating_point():
+            raise TypeError("backbone_features must be a floating-point torch.Tensor (get_backbone_features' output)")
+        if backbone_features.ndim != 4 or backbone_features.shape[1] != channels:
+            raise ValueError(f"backbone_features must have shape (batch, {channels}, height, width), got "
+                             f"{tuple(backbone_features.shape)}")  # fmt: skip
+
+    def encode(self, pixel_values: torch.Tensor | None, pixel_mask: torch.Tensor | None, collect: dict,
+               backbone_features: torch.Tensor | None = None, **kwargs):  # fmt: skip
+        """Backbone (unless ``backbone_features`` are given) and encoder. Returns (features, mask, projected map,
+        memory, position, key mask); features holds only the last map when ``backbone_features`` are given."""
+        if (pixel_values is None) == (backbone_features is None):
+            raise ValueError("pass exactly one of pixel_values and backbone_features")
+        if backbone_features is None:
+            check_pixel_values(pixel_values, self.config.num_channels)
+            pixel_values = pixel_values.to(self.input_projection.weight.dtype)  # pipelines load with dtype="auto"
+            size = pixel_values.shape[:1] + pixel_values.shape[2:]
+        else:
+            self._check_backbone_features(backbone_features)
+            backbone_features = backbone_features.to(self.input_projection.weight.dtype)
+            size = backbone_features.shape[:1] + backbone_features.shape[2:]
+        reference = pixel_values if backbone_features is None else backbone_features
+        if pixel_mask is None:  # at pixel or feature resolution: it is downsampled to the map either way
+            pixel_mask = torch.ones(size, device=reference.device)
+        if backbone_features is None:
+            features, mask, position = self.backbone(pixel_values, pixel_mask)
+        else:
+            features = {self.backbone.body.out_features[-1]: backbone_features}
+            mask, position = self.backbone.mask_and_position(backbone_features, pixel_mask)
         projected = self.input_projection(features[self.backbone.body.out_features[-1]])
         # (batch, hidden, h, w) -> (batch, h * w, hidden)
         hidden_states = projected.flatten(2).transpose(1, 2)
@@ -289,12 +323,16 @@ class HfVlDetrModel(HfVlDetrPreTrainedModel):
         pixel_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        backbone_features: torch.Tensor | None = None,
         **kwargs,
     ) -> HfVlDetrModelOutput:
         r"""pixel_values: (batch, 3, H, W) from ``HfVlDetrImageProcessor``; pixel_mask: (batch, H, W), 1 on real
-        pixels and 0 on padding (all ones when omitted). Attention maps need ``attn_implementation="eager"``."""
+        pixels and 0 on padding (all ones when omitted). Attention maps need ``attn_implementation="eager"``.
+        backbone_features: instead of pixel_values, ``get_backbone_features``' output (cached trunk features)."""
         collect = _collector(self.config, output_attentions, output_hidden_states)
-        _, _, _, memory, position, key_mask = self.encode(pixel_values, pixel_mask, collect, **kwargs)
+        _, _, _, memory, position, key_mask = self.encode(
+            pixel_values, pixel_mask, collect, backbone_features=backbone_features, **kwargs
+        )
         last, intermediate = self.decode(memory, position, key_mask, collect, **kwargs)
         return HfVlDetrModelOutput(
             last_hidden_state=last,
@@ -381,16 +419,19 @@ class HfVlDetrForObjectDetection(HfVlDetrPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         labels: list[dict[str, torch.Tensor]] | None = None,
+        backbone_features: torch.Tensor | None = None,
         **kwargs,
     ) -> HfVlDetrObjectDetectionOutput:
         r"""labels: one dict per image with ``class_labels`` (num_boxes,) int64 and ``boxes`` (num_boxes, 4)
-        normalised cxcywh, as ``HfVlDetrImageProcessor`` produces from COCO annotations."""
+        normalised cxcywh, as ``HfVlDetrImageProcessor`` produces from COCO annotations.
+        backbone_features: instead of pixel_values, ``detr.get_backbone_features``' output (cached trunk features)."""
         # return_dict=True: the trunk's fields are read below even when config.return_dict is False
-        outputs = self.detr(pixel_values, pixel_mask=pixel_mask, **{**kwargs, "return_dict": True})
+        outputs = self.detr(pixel_values, pixel_mask=pixel_mask, backbone_features=backbone_features,
+                            **{**kwargs, "return_dict": True})  # fmt: skip
         logits, pred_boxes = self.predict(outputs.last_hidden_state)
-        auxiliary_outputs = auxiliary_predictions(self, outputs.intermediate_hidden_states)
-        loss = loss_dict = None
+        auxiliary_outputs = loss = loss_dict = None
         if labels is not None:
+            auxiliary_outputs = auxiliary_predictions(self, outputs.intermediate_hidden_states)
             loss, loss_dict = detr_set_loss(self.config, logits, pred_boxes, labels, auxiliary_outputs)
         return HfVlDetrObjectDetectionOutput(
             loss=loss,

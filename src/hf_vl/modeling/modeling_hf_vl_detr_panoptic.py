@@ -196,9 +196,9 @@ class HfVlDetrForSegmentation(HfVlDetrPreTrainedModel):
         fpn = [features["layer3"], features["layer2"], features["layer1"]]
         masks = self.mask_head(projected, attention_maps, fpn)
         pred_masks = masks.view(batch, -1, *masks.shape[-2:])  # (batch * Q, 1, h4, w4) -> (batch, Q, h4, w4)
-        auxiliary_outputs = auxiliary_predictions(self, intermediate)
-        loss = loss_dict = None
-        if labels is not None:
+        auxiliary_outputs = loss = loss_dict = None
+        if labels is not None:  # auxiliary outputs only feed the loss (see HfVlDetrObjectDetectionOutput)
+            auxiliary_outputs = auxiliary_predictions(self, intermediate)
             loss, loss_dict = detr_set_loss(self.config, logits, pred_boxes, labels, auxiliary_outputs, pred_masks)
         return HfVlDetrSegmentationOutput(
             loss=loss,

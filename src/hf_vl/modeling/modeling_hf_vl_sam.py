@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hf_vl_sam import HfVlSamConfig
+from .hf_vl_pretrained import HfVlPreTrainedModel
 from .modeling_hf_vl_sam_decoder import HfVlSamMaskDecoder, HfVlSamPositionalEmbedding, HfVlSamPromptEncoder
 from .modeling_hf_vl_sam_vision import HfVlSamVisionAttention, HfVlSamVisionEncoder, HfVlSamVisionLayer
 
@@ -50,7 +50,7 @@ class HfVlSamOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class HfVlSamPreTrainedModel(PreTrainedModel):
+class HfVlSamPreTrainedModel(HfVlPreTrainedModel):
     config_class = HfVlSamConfig
     base_model_prefix = "sam"
     main_input_name = "pixel_values"

@@ -19,6 +19,18 @@ Deviations from the original:
 - Prompts that decode against the same image state (no mask prompt, or one mask per image) share it: the image is
   not repeated per prompt, and the first two-way layer projects its keys/values (token->image) and queries
   (image->token) once per image; the original repeats the image embedding per prompt. Same arithmetic per prompt.
+  Without a mask prompt that work depends on the image alone and, in inference, is kept for the next call on the
+  same embedding (``HfVlSamMaskDecoder._image_projections``).
+- Outside training, the image->token attention applies ``out_proj`` to the few token values before the attention
+  weights (``_low_rank_attention``): the same sums, reassociated, and a smaller product.
+- In inference with autograd off, while heads x query tokens stays below the attention's inner width
+  (``modeling_hf_vl_sam_two_way.FOLD_BELOW``), the cross-attentions not served by the first layer's image-side work
+  (every layer's after the first, the final one; all of them with a mask prompt) never project the h*w image
+  positions: image->token folds ``q_proj`` into the token keys, scores (X + pe) (W_q^T K^T) + b_q K^T
+  (``_image_to_token_logits``); token->image folds ``k_proj`` / ``v_proj`` into the queries, scores (q W_k) (X + pe)^T
+  (q . b_k is the same for every key and drops out of the softmax) and output (P X) W_v^T + b_v (each row of P sums
+  to one) (``_folded_token_to_image``). The same sums, reassociated; the two-way transformer is in
+  :mod:`.modeling_hf_vl_sam_two_way`.
 - The output upscaling's transposed convolutions (kernel 2, stride 2) run as per-pixel linear maps on the
   channels-last image states (see :class:`HfVlSamMaskDecoder`). ``predict_masks`` returns every mask token's
   output (the ONNX export's need); ``forward`` selects from it.
@@ -28,18 +40,15 @@ Deviations from the original:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig, HfVlSamPromptEncoderConfig, HfVlSamVisionConfig
-from .hf_vl_attention import HfVlAttention, eager_attention_forward
 from .hf_vl_embeddings import HfVlRandomFourierPositionEmbedding
-from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlp, HfVlMlpStack, can_fuse_linear, fused_linear
+from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlpStack, can_fuse_linear, fused_linear
+from .modeling_hf_vl_sam_two_way import HfVlSamTwoWayLayer, HfVlSamTwoWayTransformer, _ImageProjections
 from .modeling_hf_vl_sam_vision import HfVlSamLayerNorm2d
 
 PAD_LABEL = -10  # transformers SamProcessor's padding label: the point contributes nothing
@@ -170,147 +179,11 @@ class HfVlSamPromptEncoder(nn.Module):
         return sparse_embeddings, dense
 
 
-def _token_to_image(
-    attention: HfVlAttention, queries: torch.Tensor, query_pe: torch.Tensor, keys: torch.Tensor,
-    keys_pe: torch.Tensor, **kwargs,
-) -> torch.Tensor:
-    """Token -> image cross-attention (+ residual) for rows = groups * per prompts against ``groups`` images.
-
-    queries, query_pe (rows, tokens, hidden); keys, keys_pe (groups, h*w, hidden). The prompts of one image attend
-    to the same keys, so they are folded into the query length: the image's keys/values are projected once, not
-    once per prompt (attention rows are independent, so this is the same arithmetic)."""
-    rows, tokens, hidden = queries.shape
-    groups = keys.shape[0]
-    # (rows, tokens, hidden) -> (groups, per * tokens, hidden)
-    folded = queries.reshape(groups, -1, hidden)
-    output, _ = attention(
-        (queries + query_pe).reshape(groups, -1, hidden), key_value_states=keys, key_states=keys_pe,
-        residual=folded, **kwargs,
-    )
-    return output.reshape(rows, tokens, hidden)
-
-
-def _project(attention: HfVlAttention, name: str, states: torch.Tensor, fast: bool) -> torch.Tensor:
-    """``attention.<name>_proj(states)`` (batch, len, width) -> (batch, heads, len, head_dim)."""
-    linear = getattr(attention, f"{name}_proj")
-    if fast:
-        projected = fused_linear(states, *attention.fast_weights(name, (linear,), states.numel() // states.shape[-1]))
-    else:
-        projected = linear(states)
-    # (batch, len, heads * head_dim) -> (batch, heads, len, head_dim)
-    return projected.view(*states.shape[:2], -1, attention.head_dim).transpose(1, 2)
-
-
-def _image_to_token(
-    attention: HfVlAttention, keys: torch.Tensor, keys_pe: torch.Tensor, queries: torch.Tensor,
-    queries_pe: torch.Tensor, **kwargs,
-) -> torch.Tensor:
-    """Image -> token cross-attention (+ residual) of ``groups`` images' states against rows = groups * per prompts.
-
-    keys, keys_pe (groups, h*w, hidden); queries, queries_pe (rows, tokens, hidden). Returns (rows, h*w, hidden).
-    With one prompt per image this is the plain attention call; with several, the image-side query projection is
-    computed once per image and shared by its prompts."""
-    rows, groups = queries.shape[0], keys.shape[0]
-    if rows == groups:
-        output, _ = attention(keys_pe, key_value_states=queries, key_states=queries_pe, residual=keys, **kwargs)
-        return output
-    per, length, hidden = rows // groups, keys.shape[1], keys.shape[2]
-    fast = can_fuse_linear(keys_pe, *attention._qkv_params(), attention.out_proj.weight, attention.out_proj.bias)
-    fast = fast and can_fuse_linear(queries) and can_fuse_linear(queries_pe)
-    query = _project(attention, "q", keys_pe, fast)  # (groups, heads, h*w, head_dim)
-    # (groups, heads, h*w, d) -> (groups, per, heads, h*w, d) -> (rows, heads, h*w, d): one copy, no GEMM per prompt
-    query = query[:, None].expand(groups, per, *query.shape[1:]).reshape(rows, *query.shape[1:])
-    key, value = _project(attention, "k", queries_pe, fast), _project(attention, "v", queries, fast)
-    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        attention.config._attn_implementation, eager_attention_forward
-    )
-    output, _ = interface(attention, query, key, value, None, dropout=attention.dropout if attention.training else 0.0,
-                          scaling=attention.scaling, is_causal=False, **kwargs)  # fmt: skip
-    output = output.reshape(rows, length, -1)  # (rows, h*w, heads, d) -> (rows, h*w, inner)
-    if fast:
-        output = fused_linear(output, *attention.fast_weights("out", (attention.out_proj,), rows * length))
-    else:
-        output = attention.out_proj(output)
-    # (rows, h*w, hidden) + (groups, 1, h*w, hidden) broadcast over each image's prompts
-    return (output.view(groups, per, length, hidden) + keys[:, None]).view(rows, length, hidden)
-
-
-class HfVlSamTwoWayLayer(nn.Module):
-    """Token self-attention, token->image cross-attention, token MLP, image->token cross-attention (post-norm).
-
-    Positional encodings are added to queries and keys of every attention (never to values); the first layer's
-    self-attention takes the bare tokens, without residual (``skip_first_layer_pe``), as in the original."""
-
-    def __init__(self, config: HfVlSamMaskDecoderConfig, skip_first_layer_pe: bool):
-        super().__init__()
-        hidden, heads, eps = config.hidden_size, config.num_attention_heads, config.layer_norm_eps
-        inner = hidden // config.attention_downsample_rate
-        self.skip_first_layer_pe = skip_first_layer_pe
-        self.self_attn = HfVlAttention(config, hidden, heads)
-        self.layer_norm1 = nn.LayerNorm(hidden, eps=eps)
-        self.cross_attn_token_to_image = HfVlAttention(config, hidden, heads, inner_dim=inner)
-        self.layer_norm2 = nn.LayerNorm(hidden, eps=eps)
-        self.mlp = HfVlMlp(hidden, config.mlp_dim, config.hidden_act)
-        self.layer_norm3 = nn.LayerNorm(hidden, eps=eps)
-        self.cross_attn_image_to_token = HfVlAttention(config, hidden, heads, inner_dim=inner)
-        self.layer_norm4 = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries, query_pe (rows, tokens, hidden); keys (groups, h*w, hidden) with ``groups`` dividing ``rows``
-        (consecutive rows are prompts of one image state); key_pe broadcastable to keys. Returns queries and the
-        image states, (rows, h*w, hidden)."""
-        if self.skip_first_layer_pe:
-            queries, _ = self.self_attn(queries, **kwargs)
-        else:
-            with_pe = queries + query_pe
-            queries, _ = self.self_attn(
-                with_pe, key_value_states=queries, key_states=with_pe, residual=queries, **kwargs
-            )
-        queries = self.layer_norm1(queries)
-        keys_pe = keys + key_pe
-        queries = self.layer_norm2(_token_to_image(self.cross_attn_token_to_image, queries, query_pe, keys, keys_pe,
-                                                   **kwargs))  # fmt: skip
-        queries = self.layer_norm3(self.mlp(queries, residual=queries))
-        keys = _image_to_token(self.cross_attn_image_to_token, keys, keys_pe, queries, queries + query_pe, **kwargs)
-        return queries, self.layer_norm4(keys)
-
-
-class HfVlSamTwoWayTransformer(nn.Module):
-    """``num_hidden_layers`` two-way layers, a final token->image attention and LayerNorm."""
-
-    def __init__(self, config: HfVlSamMaskDecoderConfig):
-        super().__init__()
-        hidden = config.hidden_size
-        self.layers = nn.ModuleList(
-            HfVlSamTwoWayLayer(config, skip_first_layer_pe=index == 0) for index in range(config.num_hidden_layers)
-        )
-        self.final_attn_token_to_image = HfVlAttention(
-            config, hidden, config.num_attention_heads, inner_dim=hidden // config.attention_downsample_rate
-        )
-        self.final_layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-
-    def forward(
-        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embeddings (groups, hidden, h, w), ``groups`` dividing ``rows``: rows / groups consecutive prompts
-        decode against each (groups = rows: one image state per prompt; fewer: shared, computed once);
-        image_pe (1 or groups, hidden, h, w); tokens (rows, tokens, hidden).
-        Returns tokens (rows, tokens, hidden) and image states (rows, h*w, hidden)."""
-        rows, groups = tokens.shape[0], image_embeddings.shape[0]
-        if rows % groups != 0:
-            raise ValueError(f"image_embeddings has {groups} images, which does not divide the {rows} prompt rows")
-        # (groups, hidden, h, w) -> (groups, h*w, hidden)
-        keys = image_embeddings.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
-        queries = tokens
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, key_pe, **kwargs)
-        queries = _token_to_image(self.final_attn_token_to_image, queries, tokens, keys, keys + key_pe, **kwargs)
-        if keys.shape[0] != rows:  # no two-way layers: the image states were never expanded per prompt
-            keys = keys.repeat_interleave(rows // keys.shape[0], dim=0)
-        return self.final_layer_norm(queries), keys
+def _memory_key(tensor: torch.Tensor) -> tuple:
+    """Where a tensor's contents live and whether they changed: address, layout, version (None: inference tensor)."""
+    version = None if tensor.is_inference() else tensor._version
+    strides = tuple(stride if size > 1 else 0 for size, stride in zip(tensor.shape, tensor.stride()))  # as laid out
+    return (tensor.data_ptr(), tuple(tensor.shape), strides, tensor.dtype, tensor.device, version)
 
 
 class HfVlSamFeedForward(HfVlMlpStack):
@@ -352,6 +225,52 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         self.iou_prediction_head = HfVlSamFeedForward(
             hidden, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth
         )
+        self._image_cache: dict = {}  # the last image's first-layer work (_image_projections), not state
+
+    def _apply(self, fn, recurse=True):
+        self._image_cache = {}  # .to()/.half(): new parameters, drop the projections of the old ones
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_image_cache": {}}
+
+    def _image_projections(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> _ImageProjections | None:
+        """The first two-way layer's image-side work for ``image_embeddings + dense`` (dense: one vector, the
+        no-mask embedding, expanded), kept for the next call on the same embedding; None where nothing is cached
+        (training, autograd on, compiling or tracing, no two-way layer, inference-tensor weights).
+
+        The entry is reused only while all it was computed from is unchanged: the same memory (the entry holds each
+        source's storage, so no other tensor can take its place), layout and version counter of the embedding (the
+        same tensor or a view of the same base; an inference tensor, which has no version counter, is compared by
+        value with a copy instead), of the no-mask embedding, the grid encoding and the three projections' weights."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or self.training or torch.is_grad_enabled():
+            return None
+        if not len(self.transformer.layers):
+            return None
+        first = self.transformer.layers[0]
+        linears = (first.cross_attn_token_to_image.k_proj, first.cross_attn_token_to_image.v_proj,
+                   first.cross_attn_image_to_token.q_proj)  # fmt: skip
+        weights = [p for linear in linears for p in (linear.weight, linear.bias) if p is not None]
+        sources = (image_embeddings, dense, image_pe, *weights)
+        if any(t.is_inference() for t in sources[1:]):
+            return None
+        key = tuple(_memory_key(t) for t in sources)
+        base = image_embeddings if image_embeddings._base is None else image_embeddings._base
+        cached = self._image_cache.get("first_layer")
+        if cached is not None and cached["key"] == key and (
+            cached["base"] is base if cached["snapshot"] is None else torch.equal(cached["snapshot"], image_embeddings)
+        ):
+            return cached["projections"]
+        # ordinary tensors even under inference_mode, so the entry stays usable after leaving it
+        with torch.inference_mode(False), torch.no_grad():
+            snapshot = image_embeddings.clone() if image_embeddings.is_inference() else None
+            projections = self.transformer.project_image(image_embeddings + dense, image_pe)
+        storages = [t.untyped_storage() for t in sources]
+        self._image_cache["first_layer"] = dict(key=key, base=None if snapshot is not None else base, snapshot=snapshot,
+                                                storages=storages, projections=projections)  # fmt: skip
+        return projections
 
     def _upscale_weights(self, fast: bool, rows: int) -> tuple[torch.Tensor, ...]:
         """(weight1, bias1, weight2, bias2) of the two upscaling convolutions as linear maps; cached (and pre-packed
@@ -407,14 +326,21 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])  # (1 + masks, hidden)
         output_tokens = output_tokens.expand(rows, -1, -1)
         tokens = torch.cat([output_tokens, sparse_embeddings.flatten(0, 1).to(output_tokens.dtype)], dim=1)
-        if dense_embeddings.stride(0) == 0 or dense_embeddings.shape[0] == batch:
+        # one dense embedding for every prompt: no mask prompt (the no-mask embedding, an expanded view)
+        one_dense = dense_embeddings.stride(0) == 0 or dense_embeddings.shape[0] == 1
+        if one_dense and image_embeddings.stride(0) == 0:  # one image repeated (an expanded view): one image state
+            image_embeddings = image_embeddings[:1]
+        groups, (height, width) = image_embeddings.shape[0], image_embeddings.shape[-2:]
+        projections = image = None
+        if one_dense and dense_embeddings.stride(-1) == dense_embeddings.stride(-2) == 0:  # one vector: cacheable
+            projections = self._image_projections(image_embeddings, image_pe[None], dense_embeddings[:groups])
+        if projections is None and (one_dense or dense_embeddings.shape[0] == batch):
             # one dense embedding for all prompts (no mask prompt: an expanded view) or one per image: each image
             # state is built once and the transformer shares its first layer's image-side work among the prompts
-            image = image_embeddings + dense_embeddings[:batch]
-        else:
+            image = image_embeddings + dense_embeddings[:groups]
+        elif projections is None:
             image = image_embeddings.repeat_interleave(point_batch, dim=0) + dense_embeddings
-        tokens_out, image_states = self.transformer(image, image_pe.unsqueeze(0), tokens, **kwargs)
-        height, width = image.shape[-2:]
+        tokens_out, image_states = self.transformer(image, image_pe[None], tokens, projections, **kwargs)
         upscaled = self.upscale(image_states)  # (rows, h*w, 16, hidden/8)
         hyper_in = torch.stack(
             [mlp(tokens_out[:, 1 + index]) for index, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
@@ -445,4 +371,10 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         return masks[:, :, selected], iou_pred[:, :, selected]
 
 
-__all__ = ["HfVlSamMaskDecoder", "HfVlSamPositionalEmbedding", "HfVlSamPromptEncoder", "HfVlSamTwoWayTransformer"]
+__all__ = [
+    "HfVlSamMaskDecoder",
+    "HfVlSamPositionalEmbedding",
+    "HfVlSamPromptEncoder",
+    "HfVlSamTwoWayLayer",
+    "HfVlSamTwoWayTransformer",
+]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
@@ -25,6 +24,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_hf_vl_vit import HfVlVitConfig
 from .hf_vl_attention import HfVlAttention
 from .hf_vl_embeddings import interpolate_learned_position_embeddings
+from .hf_vl_pretrained import HfVlPreTrainedModel
 from .hf_vl_transformer_layers import HfVlPreNormLayer
 
 
@@ -105,7 +105,7 @@ class HfVlVitPooler(nn.Module):
         return pooled
 
 
-class HfVlVitPreTrainedModel(PreTrainedModel):
+class HfVlVitPreTrainedModel(HfVlPreTrainedModel):
     config_class = HfVlVitConfig
     base_model_prefix = "vit"
     main_input_name = "pixel_values"

@@ -1,0 +1,355 @@
+"""SAM's mask decoder against a cached image embedding: the first two-way layer's image-side work kept across calls
+(``HfVlSamMaskDecoder._image_projections``), the low-rank image->token attention (``_low_rank_attention``) and the
+cross-attentions with the image-side projections folded into the tokens (``modeling_hf_vl_sam_two_way.FOLD_BELOW``).
+
+The reference is the same model with its decoder in training mode (SAM's decoder has no dropout, so it computes the
+same function): no cache, the attention kernel and a full ``out_proj``. Invalidation is checked against a fresh copy
+of the changed model and against the output before the change, so a stale entry cannot pass."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from common.tiny import TINY_SAM_IMAGE_SIZE, TINY_TRANSFORMER
+
+from hf_vl.modeling import modeling_hf_vl_sam_two_way as two_way
+from hf_vl.modeling.configuration_hf_vl_sam import HfVlSamConfig
+from hf_vl.modeling.modeling_hf_vl_sam import HfVlSamModel
+
+GRID, DIM = TINY_SAM_IMAGE_SIZE // 8, 24
+MASK = 4 * GRID
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny_config() -> HfVlSamConfig:
+    vision = dict(**TINY_TRANSFORMER, image_size=TINY_SAM_IMAGE_SIZE, patch_size=8, window_size=3,
+                  global_attn_indexes=[1], output_channels=DIM)  # fmt: skip
+    decoder = dict(hidden_size=DIM, num_attention_heads=2, mlp_dim=37, iou_head_hidden_dim=20)
+    return HfVlSamConfig(vision_config=vision, prompt_encoder_config=dict(hidden_size=DIM, mask_input_channels=8),
+                         mask_decoder_config=decoder)  # fmt: skip
+
+
+def prompts(batch: int, per: int, seed: int = 0) -> dict:
+    """``per`` prompts of two points each (a foreground and a background click) on each of ``batch`` images."""
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.rand(batch, per, 2, 2, generator=generator) * TINY_SAM_IMAGE_SIZE
+    return {"input_points": points, "input_labels": torch.tensor([1, 0]).expand(batch, per, 2)}
+
+
+def random_embeddings(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, DIM, GRID, GRID, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def model() -> HfVlSamModel:
+    """Prompt encoder and decoder re-initialised at unit scale: the default init (std 0.02) gives masks of ~1e-5,
+    too small for the comparisons to mean anything."""
+    torch.manual_seed(0)
+    model = HfVlSamModel(tiny_config()).eval()
+    with torch.no_grad():
+        for module in [*model.prompt_encoder.modules(), *model.mask_decoder.modules()]:
+            if isinstance(module, (nn.Linear, nn.ConvTranspose2d, nn.Conv2d)):
+                fan_in = module.weight[0].numel() if isinstance(module, nn.Linear) else module.weight.shape[0]
+                module.weight.normal_(0.0, fan_in**-0.5)
+                module.bias.normal_(0.0, 0.1)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, 1.0)
+    return model
+
+
+def copy_of(model: HfVlSamModel) -> HfVlSamModel:
+    other = HfVlSamModel(tiny_config()).eval()
+    other.load_state_dict(model.state_dict())
+    return other.to(model.dtype)
+
+
+def decode(model, embeddings, **inputs):
+    with torch.inference_mode():
+        return model(image_embeddings=embeddings, **inputs)
+
+
+def reference(model, embeddings, **inputs):
+    """No cache, attention kernel and full out_proj: the decoder in training mode."""
+    model.mask_decoder.train()
+    try:
+        with torch.no_grad():
+            return model(image_embeddings=embeddings, **inputs)
+    finally:
+        model.mask_decoder.eval()
+
+
+def assert_outputs_close(ours, expected, **tolerance):
+    torch.testing.assert_close(ours.pred_masks, expected.pred_masks, **(tolerance or TOL))
+    torch.testing.assert_close(ours.iou_scores, expected.iou_scores, **(tolerance or TOL))
+
+
+def count_projections(model, monkeypatch) -> list:
+    """Calls of the first layer's image-side projections (what the cache saves), as a list that grows."""
+    calls, transformer = [], model.mask_decoder.transformer
+    original = transformer.project_image
+    monkeypatch.setattr(transformer, "project_image", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+def entry(model):
+    return model.mask_decoder._image_cache.get("first_layer")
+
+
+# ------------------------------------------------------------------------------------------------ equality
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch, per", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_cached_decode_equals_the_plain_decode(model, attn, batch, per):
+    model.set_attn_implementation(attn)
+    embeddings, inputs = random_embeddings(batch), prompts(batch, per)
+    expected = reference(model, embeddings, **inputs)
+    first = decode(model, embeddings, **inputs)
+    assert entry(model) is not None, "inference did not fill the cache"
+    second = decode(model, embeddings, **inputs)  # from the cache
+    assert_outputs_close(first, expected)
+    assert_outputs_close(second, expected)
+    # other prompts on the cached embedding
+    assert_outputs_close(decode(model, embeddings, **prompts(batch, per, seed=5)),
+                         reference(model, embeddings, **prompts(batch, per, seed=5)))  # fmt: skip
+
+
+def test_second_call_reuses_the_cache(model, monkeypatch):
+    calls = count_projections(model, monkeypatch)
+    embeddings = random_embeddings(2)
+    decode(model, embeddings, **prompts(2, 1))
+    cached = entry(model)["projections"]
+    decode(model, embeddings, **prompts(2, 1, seed=3))
+    decode(model, embeddings, **prompts(2, 1, seed=4))
+    assert len(calls) == 1 and entry(model)["projections"] is cached
+    # and the entry is what the decoder uses: spoiling it changes the masks
+    expected = decode(model, embeddings, **prompts(2, 1, seed=4))
+    with torch.no_grad():
+        cached.key.mul_(0.5)
+    assert not torch.allclose(decode(model, embeddings, **prompts(2, 1, seed=4)).pred_masks, expected.pred_masks)
+
+
+def test_one_image_repeated_shares_one_entry(model, monkeypatch):
+    """A view of the same embedding (``embedding[None]``, ``expand``: how the pipelines pass it) hits the entry."""
+    calls = count_projections(model, monkeypatch)
+    embeddings = random_embeddings(2)
+    decode(model, embeddings[1:2], **prompts(1, 3))
+    expanded = embeddings[1].expand(3, -1, -1, -1)  # 3 images, all the same memory: one image state
+    ours = decode(model, expanded, **prompts(3, 1))
+    assert len(calls) == 1
+    assert_outputs_close(ours, reference(model, expanded.contiguous(), **prompts(3, 1)))
+
+
+# -------------------------------------------------------------------------------------------- invalidation
+def test_in_place_change_of_the_embedding_invalidates(model, monkeypatch):
+    calls = count_projections(model, monkeypatch)
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    before = decode(model, embeddings, **inputs)
+    embeddings.add_(1)
+    after = decode(model, embeddings, **inputs)
+    assert len(calls) == 2
+    assert not torch.allclose(after.pred_masks, before.pred_masks)
+    assert_outputs_close(after, decode(copy_of(model), embeddings, **inputs), atol=1e-6, rtol=1e-6)
+    view = embeddings[:1]
+    view.mul_(2)  # through a view: the version counter is shared
+    assert_outputs_close(decode(model, embeddings, **inputs), reference(model, embeddings, **inputs))
+
+
+def test_inference_tensor_embedding_is_compared_by_value(model, monkeypatch):
+    """Inference tensors have no version counter: the entry keeps a copy and compares values."""
+    calls = count_projections(model, monkeypatch)
+    with torch.inference_mode():
+        embeddings = random_embeddings(1) * 1.0  # an inference tensor
+    inputs = prompts(1, 2)
+    before = decode(model, embeddings, **inputs)
+    decode(model, embeddings[0][None], **inputs)
+    assert len(calls) == 1
+    with torch.inference_mode():
+        embeddings.add_(1)
+    after = decode(model, embeddings, **inputs)
+    assert len(calls) == 2 and not torch.allclose(after.pred_masks, before.pred_masks)
+    assert_outputs_close(after, reference(model, embeddings.clone(), **inputs))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mask_decoder.transformer.layers.0.cross_attn_token_to_image.k_proj.weight",
+        "mask_decoder.transformer.layers.0.cross_attn_token_to_image.v_proj.bias",
+        "mask_decoder.transformer.layers.0.cross_attn_image_to_token.q_proj.weight",
+        "prompt_encoder.no_mask_embed.weight",
+        "prompt_encoder.positional_embedding.positional_encoding_gaussian_matrix",
+    ],
+)
+@pytest.mark.parametrize("how", ["load_state_dict", "in_place"])
+def test_weight_changes_invalidate(model, name, how):
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    before = decode(model, embeddings, **inputs)
+    if how == "load_state_dict":
+        state = model.state_dict()
+        model.load_state_dict({**state, name: state[name] * 1.5 + 0.1})
+    else:
+        with torch.no_grad():
+            model.state_dict(keep_vars=True)[name].mul_(1.5).add_(0.1)
+    after = decode(model, embeddings, **inputs)
+    assert not torch.allclose(after.pred_masks, before.pred_masks), "the decoder kept the old projections"
+    assert_outputs_close(after, decode(copy_of(model), embeddings, **inputs), atol=1e-6, rtol=1e-6)
+    assert_outputs_close(after, reference(model, embeddings, **inputs))
+
+
+def test_other_tensor_with_the_same_values(model, monkeypatch):
+    calls = count_projections(model, monkeypatch)
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    first = decode(model, embeddings, **inputs)
+    twin = embeddings.clone()
+    assert_outputs_close(decode(model, twin, **inputs), first, atol=0, rtol=0)
+    assert len(calls) == 2  # another tensor: recomputed, not trusted
+    other = random_embeddings(2, seed=7)
+    assert_outputs_close(decode(model, other, **inputs), reference(model, other, **inputs))
+
+
+# ------------------------------------------------------------------------------------------ where it is off
+def test_training_and_autograd_never_cache_and_gradients_match(model):
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    decode(model, embeddings, **inputs)  # a filled cache must not leak into training
+    filled, fresh = entry(model), copy_of(model)
+
+    def gradients(net, train: bool) -> dict:
+        net.zero_grad()
+        net.mask_decoder.train(train)
+        with torch.enable_grad():
+            out = net(image_embeddings=embeddings, **inputs)
+            (out.pred_masks.square().sum() + out.iou_scores.sum()).backward()
+        net.eval()
+        return {n: p.grad.clone() for n, p in net.mask_decoder.named_parameters() if p.grad is not None}
+
+    trained, trained_fresh = gradients(model, True), gradients(fresh, True)
+    evaluated, evaluated_fresh = gradients(model, False), gradients(fresh, False)
+    assert entry(fresh) is None and entry(model) is filled, "cached with autograd on"
+    assert trained.keys() == trained_fresh.keys() == evaluated.keys() and len(trained) > 10
+    scale = torch.stack([grad.norm() for grad in trained.values()]).norm()
+    for name, grad in trained.items():
+        torch.testing.assert_close(grad, trained_fresh[name], atol=0, rtol=0)
+        torch.testing.assert_close(evaluated[name], evaluated_fresh[name], atol=0, rtol=0)
+        # eval with autograd runs the low-rank image->token attention: its gradients are the kernel path's
+        # (relative to all gradients: some are zero in exact arithmetic, e.g. self-attention key biases)
+        assert (evaluated[name] - grad).norm() <= 1e-5 * scale, name
+    fresh.mask_decoder.train()
+    with torch.no_grad():
+        fresh(image_embeddings=embeddings, **inputs)
+    assert entry(fresh) is None, "cached in training mode"
+
+
+@pytest.mark.parametrize("masks", [4, 2])  # one mask per prompt, one per image
+def test_mask_prompts_bypass_the_cache(model, monkeypatch, masks):
+    calls = count_projections(model, monkeypatch)
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    inputs["input_masks"] = torch.randn(masks, 1, MASK, MASK, generator=torch.Generator().manual_seed(2))
+    ours = decode(model, embeddings, **inputs)
+    assert not calls and entry(model) is None
+    assert_outputs_close(ours, reference(model, embeddings, **inputs))
+
+
+def test_cache_is_not_state_and_follows_dtype(model):
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    keys = set(model.state_dict())
+    decode(model, embeddings, **inputs)
+    assert entry(model) is not None and set(model.state_dict()) == keys
+    assert entry(copy.deepcopy(model)) is None and entry(pickle.loads(pickle.dumps(model))) is None
+    model.double()  # _apply drops the float32 entry
+    assert entry(model) is None
+    out = decode(model, embeddings.double(), **inputs)
+    assert out.pred_masks.dtype == torch.float64
+    assert_outputs_close(out, reference(model, embeddings.double(), **inputs), atol=1e-10, rtol=1e-10)
+
+
+def test_bf16_cached_decode(model):
+    model.to(torch.bfloat16)
+    embeddings, inputs = random_embeddings(2).bfloat16(), prompts(2, 2)
+    expected = reference(model, embeddings, **inputs)
+    for _ in range(2):
+        out = decode(model, embeddings, **inputs)
+        assert out.pred_masks.dtype == torch.bfloat16
+        error = (out.pred_masks.float() - expected.pred_masks.float()).norm() / expected.pred_masks.float().norm()
+        assert error < 2e-2, f"bf16 relative error {error:.3g}"
+
+
+# ------------------------------------------------------------------------------------ folded cross-attentions
+def count_image_side_projections(monkeypatch) -> list:
+    """The lengths of the states ``_project`` projects (h*w: image positions), as a list that grows."""
+    lengths, original = [], two_way._project
+
+    def counted(attention, name, states, fast):
+        lengths.append(states.shape[1])
+        return original(attention, name, states, fast)
+
+    monkeypatch.setattr(two_way, "_project", counted)
+    return lengths
+
+
+@pytest.fixture
+def folds(monkeypatch) -> list:
+    """Folded cross-attentions whatever the sizes (the tiny model's heads x tokens exceed its inner width, so by
+    default it never folds); returns the lengths of the image-side projections made, as a list that grows."""
+    monkeypatch.setattr(two_way, "FOLD_BELOW", float("inf"))
+    return count_image_side_projections(monkeypatch)
+
+
+def test_tiny_model_does_not_fold_by_default(model, monkeypatch):
+    lengths = count_image_side_projections(monkeypatch)
+    embeddings, inputs = random_embeddings(1), prompts(1, 1)
+    decode(model, embeddings, **inputs)
+    lengths.clear()
+    decode(model, embeddings, **inputs)
+    assert GRID * GRID in lengths
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch, per", [(1, 1), (2, 3)])
+def test_folded_decode_equals_the_plain_decode(model, folds, attn, batch, per):
+    model.set_attn_implementation(attn)
+    embeddings = random_embeddings(batch)
+    for seed in (0, 5):
+        expected = reference(model, embeddings, **prompts(batch, per, seed))
+        folds.clear()
+        assert_outputs_close(decode(model, embeddings, **prompts(batch, per, seed)), expected)
+    # from the cache, every image-side projection of the h*w positions is folded away
+    assert folds and GRID * GRID not in folds, str(folds)
+
+
+@pytest.mark.parametrize("masks", [4, 2])
+def test_folded_decode_with_mask_prompts(model, folds, masks):
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    inputs["input_masks"] = torch.randn(masks, 1, MASK, MASK, generator=torch.Generator().manual_seed(2))
+    expected = reference(model, embeddings, **inputs)
+    folds.clear()
+    assert_outputs_close(decode(model, embeddings, **inputs), expected)
+    # no cache: the first layer folds too, no image-side projection of the h*w positions at all
+    assert folds and GRID * GRID not in folds, str(folds)
+
+
+def test_folds_only_in_inference(model, folds):
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    reference(model, embeddings, **inputs)  # training mode
+    # each layer's image->token query (token->image projects inside HfVlAttention, not counted here)
+    assert folds.count(GRID * GRID) == 2
+    folds.clear()
+    with torch.enable_grad():  # eval with autograd
+        model(image_embeddings=embeddings, **inputs)
+    assert folds.count(GRID * GRID) == 2
+    assert entry(model) is None
+
+
+def test_folded_bf16_and_float64(model, folds):
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    model.double()
+    out = decode(model, embeddings.double(), **inputs)
+    assert_outputs_close(out, reference(model, embeddings.double(), **inputs), atol=1e-10, rtol=1e-10)
+    model.to(torch.bfloat16)
+    embeddings = embeddings.bfloat16()
+    expected = reference(model, embeddings, **inputs)
+    out = decode(model, embeddings, **inputs)
+    error = (out.pred_masks.float() - expected.pred_masks.float()).norm() / expected.pred_masks.float().norm()
+    assert error < 2e-2, f"bf16 relative error {error:.3g}"
