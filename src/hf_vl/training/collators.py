@@ -29,6 +29,32 @@ def _column(examples: list[dict], name: str) -> list:
 _FLIP_DIMS = {"horizontal": -1, "vertical": -2}
 
 
+def with_array_column(dataset, source: str, target: str, compute, batch_size: int, tag: str,
+                      torch_columns: list[str] | None = None):
+    """Replace column ``source`` by a fixed-shape float32 ``Array3D`` column ``target`` = ``compute(batch)`` (a
+    batched map, run once), formatted as torch (only ``torch_columns`` when given; the rest stay Python objects).
+
+    ``tag`` names the result in the dataset fingerprint, so the processor or model inside ``compute`` is not hashed.
+    """
+    first = np.asarray(compute(dataset[:1]))[0]
+    features = datasets.Features({k: v for k, v in dataset.features.items() if k != source})
+    features[target] = datasets.Array3D(shape=first.shape, dtype="float32")
+
+    def process(batch):
+        values = np.asarray(compute(batch), dtype=np.float32)
+        if values.shape[1:] != first.shape:
+            raise ValueError(f"{target} has shape {values.shape[1:]} and {first.shape}: not a fixed size")
+        return {target: values}
+
+    processed = dataset.map(
+        process, batched=True, batch_size=batch_size, remove_columns=[source], features=features,
+        new_fingerprint=f"{dataset._fingerprint}-{tag}",
+    )  # fmt: skip
+    if torch_columns is None:
+        return processed.with_format("torch")
+    return processed.with_format("torch", columns=torch_columns, output_all_columns=True)
+
+
 def with_pixel_values(dataset, image_processor, image_column: str = "image", batch_size: int = 256):
     """Run ``image_processor`` once over ``dataset``: ``image_column`` becomes a fixed-shape ``pixel_values``
     (``Array3D``) column and the dataset is formatted as torch.
@@ -38,21 +64,11 @@ def with_pixel_values(dataset, image_processor, image_column: str = "image", bat
     """
     if image_column not in dataset.column_names:
         raise ValueError(f"image_column={image_column!r} is not a column of the dataset ({dataset.column_names})")
-    first = image_processor([dataset[0][image_column]], return_tensors="np")["pixel_values"][0]
-    features = datasets.Features({k: v for k, v in dataset.features.items() if k != image_column})
-    features["pixel_values"] = datasets.Array3D(shape=first.shape, dtype="float32")
 
-    def process(batch):
-        pixel_values = image_processor(batch[image_column], return_tensors="np")["pixel_values"]
-        if pixel_values.shape[1:] != first.shape:
-            raise ValueError(f"image_processor gives {pixel_values.shape[1:]} and {first.shape}: not a fixed size")
-        return {"pixel_values": pixel_values.astype(np.float32)}
+    def compute(batch):
+        return image_processor(batch[image_column], return_tensors="np")["pixel_values"]
 
-    processed = dataset.map(
-        process, batched=True, batch_size=batch_size, remove_columns=[image_column], features=features,
-        new_fingerprint=f"{dataset._fingerprint}-pixel-values",  # skip hashing the processor
-    )
-    return processed.with_format("torch")
+    return with_array_column(dataset, image_column, "pixel_values", compute, batch_size, "pixel-values")
 
 
 class ImageClassificationCollator:

@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 from torch import nn
@@ -39,7 +38,7 @@ from ..modeling.hf_vl_resnet import HfVlFrozenBatchNorm2d, HfVlResNetBody
 from ..modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection
 from ..processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
 from .recipe_utils import check_positive, lookup_recipe, recipe_parser, run_main
-from .collators import with_pixel_values
+from .collators import with_array_column, with_pixel_values
 from .metrics import coco_map_metric
 
 logger = logging.getLogger(__name__)
@@ -191,21 +190,15 @@ def with_backbone_features(dataset, model, batch_size: int = 64):
     was_training = detr.training
     detr.eval()  # frozen batch norm either way; eval lets the trunk fold it into its convolutions
 
-    def features(batch):
+    def compute(batch):
         with torch.no_grad():
-            return {"backbone_features": detr.get_backbone_features(torch.as_tensor(batch["pixel_values"])).numpy()}
+            return detr.get_backbone_features(torch.as_tensor(batch["pixel_values"])).numpy()
 
     try:
-        first = features(dataset[:1])["backbone_features"][0]
-        schema = datasets.Features({k: v for k, v in dataset.features.items() if k != "pixel_values"})
-        schema["backbone_features"] = datasets.Array3D(shape=first.shape, dtype="float32")
-        cached = dataset.with_format("numpy").map(
-            features, batched=True, batch_size=batch_size, remove_columns=["pixel_values"], features=schema,
-            new_fingerprint=f"{dataset._fingerprint}-backbone-features",  # skip hashing the model
-        )
+        return with_array_column(dataset.with_format("numpy"), "pixel_values", "backbone_features", compute,
+                                 batch_size, "backbone-features")  # fmt: skip
     finally:
         detr.train(was_training)
-    return cached.with_format("torch")
 
 
 class DetrShapesCollator:

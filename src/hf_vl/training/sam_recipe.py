@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -40,6 +39,7 @@ from ..modeling.configuration_hf_vl_sam import HfVlSamConfig
 from ..modeling.hf_vl_sam_loss import binary_mask_iou, sam_loss
 from ..modeling.modeling_hf_vl_sam import HfVlSamModel
 from ..processing.image_processing_hf_vl_sam import HfVlSamImageProcessor
+from .collators import with_array_column
 from .probes import GradientCaptureCallback, LossRecordingTrainer
 from .recipe_utils import add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, run_main
 
@@ -114,26 +114,21 @@ def with_image_features(dataset, image_processor, model=None, batch_size: int = 
     """
     key = "pixel_values" if model is None else "image_embeddings"
 
-    def process(batch):
+    def compute(batch):
         pixel_values = image_processor(batch["image"], return_tensors="pt")["pixel_values"]
         if model is None:
-            return {key: pixel_values.float().numpy()}
+            return pixel_values.float().numpy()
         with torch.no_grad():
-            return {key: model.get_image_embeddings(pixel_values.to(model.dtype)).float().numpy()}
+            return model.get_image_embeddings(pixel_values.to(model.dtype)).float().numpy()
 
-    first = process(dataset[:1])[key][0]
-    features = datasets.Features({k: v for k, v in dataset.features.items() if k != "image"})
-    features[key] = datasets.Array3D(shape=first.shape, dtype="float32")
     was_training = model is not None and model.training
     if model is not None:
         model.eval()
-    processed = dataset.map(
-        process, batched=True, batch_size=batch_size, remove_columns=["image"], features=features,
-        new_fingerprint=f"{dataset._fingerprint}-sam-{key}",  # skip hashing the model
-    )  # fmt: skip
-    if was_training:
-        model.train()
-    return processed.with_format("torch", columns=[key], output_all_columns=True)
+    try:
+        return with_array_column(dataset, "image", key, compute, batch_size, f"sam-{key}", torch_columns=[key])
+    finally:
+        if was_training:
+            model.train()
 
 
 def resized_size(height: int, width: int, input_size: int) -> tuple[int, int]:
