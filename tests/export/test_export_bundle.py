@@ -37,7 +37,8 @@ EXPECTED_AUTO_MAP = {
 }
 SHIPPED = {
     "configuration_hf_vl_vit.py", "modeling_hf_vl_vit.py", "hf_vl_attention.py", "hf_vl_embeddings.py",
-    "hf_vl_mlp.py", "hf_vl_pretrained.py", "hf_vl_transformer_layers.py", "image_processing_hf_vl_vit.py",
+    "hf_vl_mlp.py", "hf_vl_pretrained.py", "hf_vl_cpu_memory.py", "hf_vl_transformer_layers.py",
+    "image_processing_hf_vl_vit.py",
 }
 CODE_CLASSES = (hf_vl.HfVlVitConfig, hf_vl.HfVlVitModel, hf_vl.HfVlVitForImageClassification,
                 hf_vl.HfVlVitImageProcessor, hf_vl.HfVlVitPreTrainedModel)

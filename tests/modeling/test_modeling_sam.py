@@ -379,3 +379,74 @@ def test_box_corner_labels_embed_like_boxes(model):
         torch.testing.assert_close(as_points, encoder.embed_boxes(boxes))
         swapped = encoder.embed_points(corners, labels.flip(-1), pad=False)
     assert not torch.allclose(swapped, as_points)
+
+
+def test_encoder_blocks_share_one_bias_mask_buffer_without_autograd(monkeypatch):
+    """Blocks of the same attention shape write their relative-position mask into one buffer per call (autograd off):
+    the same embedding as with a fresh mask per block, and the buffer is really shared."""
+    import hf_vl.modeling.modeling_hf_vl_sam_vision as vision
+
+    config = tiny_sam_config()
+    config.vision_config.num_hidden_layers, config.vision_config.global_attn_indexes = 4, [1, 3]
+    model = HfVlSamModel(config).eval()
+    with torch.no_grad():  # non-zero relative position tables, so the mask matters
+        for layer in model.vision_encoder.layers:
+            layer.self_attn.rel_pos_h.normal_()
+            layer.self_attn.rel_pos_w.normal_()
+    masks, share, workspaces = [], {"on": False}, []
+    original = vision.decomposed_relative_position_bias
+
+    def spy(query, rel_pos_h, rel_pos_w, size, workspace=None):
+        assert isinstance(workspace, dict)  # the encoder hands every block its call's workspace
+        workspaces.append(workspace)
+        bias = original(query, rel_pos_h, rel_pos_w, size, workspace if share["on"] else None)
+        masks.append((tuple(bias.shape), bias.data_ptr()))
+        return bias
+
+    monkeypatch.setattr(vision, "decomposed_relative_position_bias", spy)
+    pixels = tiny_pixels(2)
+    with torch.no_grad():
+        fresh = model.get_image_embeddings(pixels)
+        share["on"] = True
+        masks.clear()
+        shared = model.get_image_embeddings(pixels)
+    torch.testing.assert_close(shared, fresh, atol=0, rtol=0)
+    windowed, global_ = masks[0::2], masks[1::2]
+    assert windowed[0] == windowed[1] and global_[0] == global_[1], masks  # same shape, same buffer
+    assert windowed[0][0] != global_[0][0]
+    workspace = workspaces[-1]
+    assert all(w is workspace for w in workspaces[-4:]) and len(workspace) == 2  # one buffer per mask shape
+    assert {ptr for _, ptr in masks} == {buffer.data_ptr() for buffer in workspace.values()}
+
+
+@pytest.mark.parametrize("mask_prompt", [False, True])
+def test_inference_decodes_prompts_in_chunks_with_the_same_masks(model, embeddings, monkeypatch, mask_prompt):
+    """Without autograd, prompts decode ``DECODE_CHUNK_BYTES`` at a time: one prompt per chunk gives the same masks
+    and scores as all prompts at once, for shared (no mask prompt) and per-prompt dense embeddings."""
+    import hf_vl.modeling.modeling_hf_vl_sam_decoder as decoder_module
+
+    prompts = tiny_prompts(2)
+    points, labels = prompts["input_points"].repeat(1, 2, 1, 1), prompts["input_labels"].repeat(1, 2, 1)
+    masks = torch.randn(2 * 2 * POINT_BATCH, 1, MASK, MASK) if mask_prompt else None
+    calls = []
+    original = decoder_module.HfVlSamMaskDecoder._predict_masks
+
+    def spy(self, image_embeddings, image_pe, sparse, *args, **kwargs):
+        calls.append(sparse.shape[1])
+        return original(self, image_embeddings, image_pe, sparse, *args, **kwargs)
+
+    monkeypatch.setattr(decoder_module.HfVlSamMaskDecoder, "_predict_masks", spy)
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points, labels, None, masks, 2, 2 * POINT_BATCH)
+        args = (embeddings, model.get_image_positional_embeddings(), sparse, dense)
+        monkeypatch.setattr(decoder_module, "DECODE_CHUNK_BYTES", 1 << 40)
+        whole = model.mask_decoder.predict_masks(*args)
+        assert calls == [2 * POINT_BATCH]
+        monkeypatch.setattr(decoder_module, "DECODE_CHUNK_BYTES", 1)  # one prompt per chunk
+        chunked = model.mask_decoder.predict_masks(*args)
+        assert calls[1:] == [1] * (2 * POINT_BATCH)
+        selected = model.mask_decoder.predict_masks(*args, mask_tokens=slice(1, None))
+    for ours, expected in zip(chunked, whole):
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(selected[0], whole[0][:, :, 1:], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(selected[1], whole[1][:, :, 1:], atol=1e-6, rtol=1e-6)

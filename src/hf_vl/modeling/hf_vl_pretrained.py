@@ -8,15 +8,25 @@ would overwrite loaded weights. hf_vl's ``_init_weights`` methods act on contain
 which itself skips tensors that were loaded, so the guard is not needed and would silently leave those modules at
 transformers' generic normal(0.02) init (it did for DETR: Xavier, Kaiming and the unit-variance query positions
 never ran). ``tests/common/model_tester.py::test_init_reaches_every_module`` holds every architecture to this.
+
+It also applies hf_vl's CPU memory settings (:mod:`.hf_vl_cpu_memory`) when the first model is built.
 """
 
 from __future__ import annotations
 
 from transformers import PreTrainedModel
 
+from .hf_vl_cpu_memory import keep_freed_cpu_memory
+
 
 class HfVlPreTrainedModel(PreTrainedModel):
-    """``PreTrainedModel`` whose ``_init_weights`` is called for every module, parameters of its own or not."""
+    """``PreTrainedModel`` whose ``_init_weights`` is called for every module, parameters of its own or not.
+
+    Building one also keeps freed CPU memory mapped for reuse, once per process (:mod:`.hf_vl_cpu_memory`)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        keep_freed_cpu_memory()
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         super()._initialize_weights(module, is_custom_code=False)

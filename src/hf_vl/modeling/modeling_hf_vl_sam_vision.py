@@ -85,22 +85,33 @@ def get_relative_positions(q_size: int, k_size: int, rel_pos: torch.Tensor) -> t
 
 
 def decomposed_relative_position_bias(
-    query: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+    query: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int],
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """MViTv2's decomposed relative position bias as an additive attention mask.
 
     query: (batch, heads, h * w, head_dim), unscaled. Returns (batch, heads, h * w, h * w):
-    ``bias[q, k] = q . Rh[q_row, k_row] + q . Rw[q_col, k_col]``.
-    """
+    ``bias[q, k] = q . Rh[q_row, k_row] + q . Rw[q_col, k_col]``. ``workspace``: a dict whose buffer of the same
+    shape the mask is written into (autograd off only): a global block's mask is hundreds of MB, and a fresh one is
+    a fresh mapping whose page faults cost ~4x the sum itself here (bench_sam, bf16)."""
     batch, heads, length, head_dim = query.shape
     height, width = size
     r_h = get_relative_positions(height, height, rel_pos_h)  # (h, h, d)
     r_w = get_relative_positions(width, width, rel_pos_w)  # (w, w, d)
     grid_query = query.reshape(batch * heads, height, width, head_dim)
-    bias_h = torch.einsum("bhwc,hkc->bhwk", grid_query, r_h)  # (B*heads, h, w, k_h)
-    bias_w = torch.einsum("bhwc,wkc->bhwk", grid_query, r_w)  # (B*heads, h, w, k_w)
+    # contiguous: einsum may return permuted views, and the broadcast sum below then inherits their layout, so the
+    # final reshape copied the whole (heads, h*w, h*w) mask (2x slower in all, measured in bench_sam)
+    bias_h = torch.einsum("bhwc,hkc->bhwk", grid_query, r_h).contiguous()  # (B*heads, h, w, k_h)
+    bias_w = torch.einsum("bhwc,wkc->bhwk", grid_query, r_w).contiguous()  # (B*heads, h, w, k_w)
     # (B*heads, h, w, k_h, 1) + (B*heads, h, w, 1, k_w) -> (batch, heads, h*w, k_h*k_w)
-    bias = bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]
+    shape = (batch * heads, height, width, height, width)
+    key = (shape, bias_h.dtype, bias_h.device)
+    if workspace is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        bias = bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]
+    else:
+        if key not in workspace:
+            workspace[key] = bias_h.new_empty(shape)
+        bias = torch.add(bias_h[:, :, :, :, None], bias_w[:, :, :, None, :], out=workspace[key])
     return bias.reshape(batch, heads, length, length)
 
 
@@ -123,7 +134,11 @@ class HfVlSamVisionAttention(HfVlAttention):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * side - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * side - 1, self.head_dim))
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, rel_pos_workspace: dict | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``rel_pos_workspace``: buffers for the bias mask shared by the blocks of one encoder call (see
+        :func:`decomposed_relative_position_bias`)."""
         batch, windows, length, hidden = hidden_states.shape
         flat = hidden_states.reshape(batch, windows * length, hidden)
         fast = can_fuse_linear(flat, *self._qkv_params(), self.out_proj.weight, self.out_proj.bias)
@@ -135,7 +150,9 @@ class HfVlSamVisionAttention(HfVlAttention):
             return states.reshape(batch, windows * self.num_heads, length, self.head_dim)
 
         query, key, value = fold(query), fold(key), fold(value)
-        bias = decomposed_relative_position_bias(query, self.rel_pos_h, self.rel_pos_w, (self.side, self.side))
+        bias = decomposed_relative_position_bias(
+            query, self.rel_pos_h, self.rel_pos_w, (self.side, self.side), rel_pos_workspace
+        )
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -228,8 +245,10 @@ class HfVlSamVisionEncoder(nn.Module):
             )
         # (batch, hidden, grid, grid) -> (batch, grid, grid, hidden): the blocks work channels-last on the grid
         hidden_states = self.patch_embedding(pixel_values).permute(0, 2, 3, 1) + self.position_embedding
+        # one bias-mask buffer per shape for this call's blocks (autograd off only), freed when the call returns
+        workspace = None if torch.is_grad_enabled() else {}
         for layer in self.layers:
-            hidden_states = layer(hidden_states, **kwargs)
+            hidden_states = layer(hidden_states, rel_pos_workspace=workspace, **kwargs)
         return self.neck(hidden_states.permute(0, 3, 1, 2))
 
 

@@ -1,0 +1,85 @@
+"""hf_vl's process-wide CPU memory settings (glibc mallopt), applied when the first hf_vl model is built."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import hf_vl.modeling.hf_vl_cpu_memory as cpu_memory
+
+
+class FakeLibc:
+    def __init__(self, result: int = 1):
+        self.calls, self.result = [], result
+        self.mallopt = lambda parameter, value: self._mallopt(parameter, value)  # a function: takes argtypes
+
+    def gnu_get_libc_version(self):
+        return b"2.39"
+
+    def _mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        return self.result
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_applied", None)
+    for name in list(__import__("os").environ):
+        if name == "GLIBC_TUNABLES" or name.startswith("MALLOC_") or name == "HF_VL_MALLOC_TUNING":
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(cpu_memory.sys, "platform", "linux")
+    libc = FakeLibc()
+    monkeypatch.setattr(cpu_memory.ctypes, "CDLL", lambda name: libc)
+    return libc
+
+
+def test_settings_are_applied_once_per_process(fresh):
+    assert cpu_memory.keep_freed_cpu_memory() is True
+    assert fresh.calls == [(-3, 32 << 20), (-1, 128 << 20), (-2, 32 << 20)]
+    assert cpu_memory.keep_freed_cpu_memory() is True
+    assert len(fresh.calls) == 3
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("HF_VL_MALLOC_TUNING", "0"), ("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0"), ("MALLOC_ARENA_MAX", "2")],
+)
+def test_opt_out_and_the_users_own_tuning_win(fresh, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    assert cpu_memory.keep_freed_cpu_memory() is False
+    assert fresh.calls == []
+
+
+def test_not_glibc_or_refused_means_not_applied(fresh, monkeypatch):
+    monkeypatch.setattr(cpu_memory.ctypes, "CDLL", lambda name: object())  # no gnu_get_libc_version: not glibc
+    assert cpu_memory.keep_freed_cpu_memory() is False
+    monkeypatch.setattr(cpu_memory, "_applied", None)
+    refusing = FakeLibc(result=0)
+    monkeypatch.setattr(cpu_memory.ctypes, "CDLL", lambda name: refusing)
+    assert cpu_memory.keep_freed_cpu_memory() is False
+    monkeypatch.setattr(cpu_memory, "_applied", None)
+    monkeypatch.setattr(cpu_memory.sys, "platform", "darwin")
+    assert cpu_memory.keep_freed_cpu_memory() is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_building_a_model_applies_them_for_real():
+    """In a fresh interpreter: nothing applied on import, applied (real glibc) once a model is built."""
+    code = textwrap.dedent(
+        """
+        import hf_vl.modeling.hf_vl_cpu_memory as cpu_memory
+        from hf_vl.modeling.configuration_hf_vl_vit import HfVlVitConfig
+        from hf_vl.modeling.modeling_hf_vl_vit import HfVlVitModel
+        assert cpu_memory._applied is None
+        HfVlVitModel(HfVlVitConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                                   image_size=8, patch_size=4))
+        print(cpu_memory._applied)
+        """
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not (k == "GLIBC_TUNABLES" or k.startswith("MALLOC_"))}
+    env.pop("HF_VL_MALLOC_TUNING", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "True"
