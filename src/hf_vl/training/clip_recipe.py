@@ -32,7 +32,9 @@ from ..modeling.modeling_hf_vl_clip import HfVlClipModel
 from ..processing.image_processing_hf_vl_clip import HfVlClipImageProcessor
 from ..processing.processing_hf_vl_clip import HfVlClipProcessor
 from ..processing.tokenization_hf_vl_clip import load_clip_tokenizer
-from .recipe_utils import add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, run_main
+from .recipe_utils import (
+    add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, recipe_training_arguments, run_main,
+)
 from .probes import GradientCaptureCallback, LossRecordingTrainer
 
 logger = logging.getLogger(__name__)
@@ -167,25 +169,12 @@ def shapes_zero_shot_accuracy(model, processor, dataset, template: str = "a phot
 
 
 def training_arguments(output_dir, seed: int, **overrides) -> TrainingArguments:
-    """Fixed Trainer settings (CPU, no reporting, keep the ``image``/``caption`` columns) plus ``overrides``."""
-    settings = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to=[],
-        remove_unused_columns=False,  # the collator needs "image" and "caption" (ecosystem.md section 4.2)
-        ddp_find_unused_parameters=False,  # both towers, projections and logit_scale all get gradients
-        label_names=[],  # label-free: the loss comes from return_loss=True in every batch
-        # evaluation reports the contrastive loss only: gathering the (batch, batch) logits and nested tower
-        # outputs of every step would cost memory and nothing uses them (zero-shot scoring is separate)
-        prediction_loss_only=True,
-        save_strategy="no",
-        eval_strategy="no",
-        dataloader_num_workers=0,
-        seed=seed,
-        data_seed=seed,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
+    """The shared recipe settings (:func:`.recipe_utils.recipe_training_arguments`; the collator needs "image" and
+    "caption") plus ``overrides``. Label-free: the loss comes from return_loss=True in every batch. Evaluation
+    reports the contrastive loss only: gathering the (batch, batch) logits and nested tower outputs of every step
+    would cost memory and nothing uses them (zero-shot scoring is separate)."""
+    settings = dict(label_names=[], prediction_loss_only=True)
+    return recipe_training_arguments(output_dir, seed, **{**settings, **overrides})
 
 
 def _shapes(split: str, num_images: int, seed: int, recipe: dict):

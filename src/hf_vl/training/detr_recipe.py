@@ -37,7 +37,7 @@ from ..modeling.configuration_hf_vl_detr import HfVlDetrConfig
 from ..modeling.hf_vl_resnet import HfVlFrozenBatchNorm2d, HfVlResNetBody
 from ..modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection
 from ..processing.image_processing_hf_vl_detr import HfVlDetrImageProcessor
-from .recipe_utils import check_positive, lookup_recipe, recipe_parser, run_main
+from .recipe_utils import check_positive, lookup_recipe, recipe_parser, recipe_training_arguments, run_main
 from .collators import with_array_column, with_pixel_values
 from .metrics import coco_map_metric
 
@@ -315,23 +315,11 @@ class DetrEvaluationTrainer(Trainer):
 
 
 def training_arguments(output_dir, seed: int, **overrides) -> TrainingArguments:
-    """The recipe's fixed Trainer settings (CPU, no reporting, keep the ``objects`` column) plus ``overrides``."""
-    settings = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to=[],
-        remove_unused_columns=False,  # the collator needs "objects" (ecosystem.md section 4.2)
-        ddp_find_unused_parameters=False,  # auxiliary losses reach every decoder layer: all parameters are used
-        label_names=["labels"],
-        save_strategy="no",
-        eval_strategy="no",
-        dataloader_num_workers=0,
-        per_device_eval_batch_size=50,
-        seed=seed,
-        data_seed=seed,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
+    """The shared recipe settings (:func:`.recipe_utils.recipe_training_arguments`; the collator needs "objects"),
+    the ``labels`` column, evaluation batches of 50, plus ``overrides``. Auxiliary losses reach every decoder layer,
+    so all parameters are used."""
+    settings = dict(label_names=["labels"], per_device_eval_batch_size=50)
+    return recipe_training_arguments(output_dir, seed, **{**settings, **overrides})
 
 
 def build_trainer(model, image_processor, args, train_dataset=None, eval_dataset=None) -> DetrEvaluationTrainer:

@@ -59,3 +59,19 @@ def add_one_step_arguments(parser, unit: str, grad_accum: bool = True) -> None:
     parser.add_argument("--global-batch", type=int, default=8, help=f"--one-step: {unit} in the global batch")
     if grad_accum:
         parser.add_argument("--grad-accum", type=int, default=1, help="--one-step: gradient accumulation steps")
+
+
+def recipe_training_arguments(output_dir, seed: int, **settings):
+    """``TrainingArguments`` with the settings every hf_vl recipe shares, then the recipe's ``settings`` (which win):
+    CPU, no reporting, no checkpoints or scheduled evaluation (recipes evaluate once, at the end), data loading in
+    the main process, ``seed`` for model init and data order, and the raw columns kept, because each recipe's
+    collator builds the model inputs from them (ecosystem.md section 4.2). Every recipe's model uses all of its
+    parameters in every forward, so DDP skips its search for unused ones (``ddp_find_unused_parameters=False``)."""
+    from transformers import TrainingArguments
+
+    shared = dict(
+        output_dir=str(output_dir), use_cpu=True, report_to=[], remove_unused_columns=False,
+        ddp_find_unused_parameters=False, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
+        seed=seed, data_seed=seed,
+    )  # fmt: skip
+    return TrainingArguments(**{**shared, **settings})

@@ -41,7 +41,9 @@ from ..modeling.modeling_hf_vl_sam import HfVlSamModel
 from ..processing.image_processing_hf_vl_sam import HfVlSamImageProcessor
 from .collators import with_array_column
 from .probes import GradientCaptureCallback, LossRecordingTrainer
-from .recipe_utils import add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, run_main
+from .recipe_utils import (
+    add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, recipe_training_arguments, run_main,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -365,22 +367,10 @@ def evaluate_sam_miou(model, dataset, input_size: int, seed: int = 0, kinds=("po
 
 
 def training_arguments(output_dir, seed: int, **overrides) -> TrainingArguments:
-    """The recipe's fixed Trainer settings (CPU, no reporting, keep the mask columns) plus ``overrides``."""
-    settings = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to=[],
-        remove_unused_columns=False,  # the collator needs "instance_map" and "objects" (ecosystem.md section 4.2)
-        ddp_find_unused_parameters=False,  # every decoder parameter takes part in every forward
-        label_names=["labels"],
-        save_strategy="no",
-        eval_strategy="no",
-        dataloader_num_workers=0,
-        seed=seed,
-        data_seed=seed,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
+    """The shared recipe settings (:func:`.recipe_utils.recipe_training_arguments`; the collator needs
+    "instance_map" and "objects"), the ``labels`` column, plus ``overrides``. Every decoder parameter takes part in
+    every forward (all mask tokens are decoded under autograd)."""
+    return recipe_training_arguments(output_dir, seed, **{"label_names": ["labels"], **overrides})
 
 
 def shapes_sam_dataset(split: str, num_images: int, model, image_processor, entry: dict, seed: int = 0,

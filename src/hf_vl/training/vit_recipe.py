@@ -25,7 +25,9 @@ from ..data.shapes import SHAPES_CLASS_NAMES, load_shapes
 from ..modeling.configuration_hf_vl_vit import HfVlVitConfig
 from ..modeling.modeling_hf_vl_vit import HfVlVitForImageClassification
 from ..processing.image_processing_hf_vl_vit import HfVlVitImageProcessor
-from .recipe_utils import add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, run_main
+from .recipe_utils import (
+    add_one_step_arguments, check_positive, lookup_recipe, recipe_parser, recipe_training_arguments, run_main,
+)
 from .collators import ImageClassificationCollator, with_pixel_values
 from .metrics import classification_compute_metrics
 from .probes import GradientCaptureCallback, LossRecordingTrainer
@@ -77,22 +79,9 @@ def build_vit_for_shapes(recipe: str = "vit-shapes-tiny", seed: int = 0):
 
 
 def training_arguments(output_dir, seed: int, **overrides) -> TrainingArguments:
-    """The recipe's fixed Trainer settings (CPU, no reporting, keep the ``image`` column) plus ``overrides``."""
-    settings = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to=[],
-        remove_unused_columns=False,  # the collator needs "image" (ecosystem.md section 4.2)
-        ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's extra graph traversal
-        label_names=["labels"],
-        save_strategy="no",
-        eval_strategy="no",
-        dataloader_num_workers=0,
-        seed=seed,
-        data_seed=seed,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
+    """The shared recipe settings (:func:`.recipe_utils.recipe_training_arguments`; the collator needs "image"), the
+    ``labels`` column, plus ``overrides``."""
+    return recipe_training_arguments(output_dir, seed, **{"label_names": ["labels"], **overrides})
 
 
 def build_trainer(
