@@ -1,11 +1,16 @@
 """Test helpers shared by hf_vl's tests: dotted output-field access, nested tensor comparison, state-dict key
-lint, Auto-class lookup, and a counter proving that activation checkpointing recomputed something."""
+lint, Auto-class lookup, a counter proving that activation checkpointing recomputed something, and the two-process
+(torchrun) runs of the distributed tests."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
-from collections.abc import Mapping
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,3 +128,30 @@ class CallCounter(TorchFunctionMode):
         if func is self.target:
             self.calls += 1
         return func(*args, **(kwargs or {}))
+
+
+def run_torchrun(arguments: Sequence[Any], nproc: int = 2, timeout: int = 600) -> None:
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc *arguments`` offline, one thread per
+    process (the CPU has 2 cores); fails with the tail of its output when a process fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               *map(str, arguments)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def recipe_step_in_two_processes(module: str, output_dir: Path, global_batch: int = 8) -> dict:
+    """A recipe's ``--one-step`` run (``python -m module``) in two processes: its saved loss, gradients, world size."""
+    run_torchrun(["-m", module, "--one-step", "--global-batch", global_batch, "--expect-world-size", 2,
+                  "--output", output_dir])  # fmt: skip
+    return torch.load(Path(output_dir) / "one_step.pt")
+
+
+def assert_same_step(two: dict, one: dict, atol: float = 1e-5) -> None:
+    """The two-process step (``two``) equals the one-process step on the same global batch (``one``): loss and every
+    parameter's gradient within ``atol``."""
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert abs(two["loss"] - one["loss"]) <= atol, (two["loss"], one["loss"])
+    assert two["gradients"].keys() == one["gradients"].keys()
+    worst = max(float((two["gradients"][k] - one["gradients"][k]).abs().max()) for k in one["gradients"])
+    assert worst < atol, worst

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from common.testing_utils import run_torchrun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -265,11 +264,7 @@ def test_two_processes_reproduce_the_one_process_losses_and_gradients(tmp_path):
                    "boxes": random_boxes(n, generator)} for n in counts]  # fmt: skip
         payload["cases"][name] = {"labels": labels, "config": {**base_config, **overrides}}
     torch.save(payload, tmp_path / "payload.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-               str(tmp_path / "payload.pt"), str(tmp_path / "result.pt")]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_torchrun([WORKER, tmp_path / "payload.pt", tmp_path / "result.pt"])
     results = torch.load(tmp_path / "result.pt", weights_only=False)
     assert results["world_size"] == 2
     for name, case in payload["cases"].items():

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from PIL import Image
+from common.testing_utils import assert_same_step, recipe_step_in_two_processes
 
 from hf_vl.data.shapes import COMBINATIONS, HELDOUT_COMBINATIONS, load_shapes
 from hf_vl.training.clip_recipe import (
@@ -148,21 +145,9 @@ def test_one_step_reports_global_batch_loss(tmp_path):
 def test_two_processes_equal_one_process(tmp_path):
     """torchrun --standalone --nproc_per_node 2 (gloo, CPU): every rank contrasts its 4 pairs against all 8 texts
     and images; the averaged step equals the 1-process step on the same 8 pairs."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "hf_vl.training.clip_recipe", "--one-step", "--global-batch", "8", "--expect-world-size", "2",
-        "--output", str(tmp_path / "two"),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    two = torch.load(tmp_path / "two" / "one_step.pt")
+    two = recipe_step_in_two_processes("hf_vl.training.clip_recipe", tmp_path / "two")
     one = clip_one_step_gradients(tmp_path / "one", global_batch=8)
-    assert two["world_size"] == 2 and one["world_size"] == 1
-    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
-    assert two["gradients"].keys() == one["gradients"].keys()
-    worst = max(float((two["gradients"][k] - one["gradients"][k]).abs().max()) for k in one["gradients"])
-    assert worst < 1e-5, worst
+    assert_same_step(two, one)
     # the check has teeth: a single process on half the batch gives a different loss
     half = clip_one_step_gradients(tmp_path / "half", global_batch=4)
     assert abs(half["loss"] - one["loss"]) > 1e-3

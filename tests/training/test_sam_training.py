@@ -4,14 +4,12 @@ process-independent randomness, a short recipe run that must beat the untrained 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from common.testing_utils import assert_same_step, recipe_step_in_two_processes
 
 from hf_vl.data.shapes import instance_masks, load_shapes
 from hf_vl.modeling.hf_vl_sam_loss import binary_mask_iou, sam_loss
@@ -239,22 +237,10 @@ def test_short_recipe_run_beats_the_untrained_decoder_and_reloads(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "hf_vl.training.sam_recipe", "--one-step", "--global-batch", "8", "--expect-world-size", "2",
-        "--output", str(tmp_path / "two"),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    two = torch.load(tmp_path / "two" / "one_step.pt")
+    two = recipe_step_in_two_processes("hf_vl.training.sam_recipe", tmp_path / "two")
     one = sam_one_step_gradients(tmp_path / "one", global_batch=8)
-    assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["frozen_with_grad"] == [] and one["frozen_with_grad"] == []
-    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
-    assert two["gradients"].keys() == one["gradients"].keys()
-    worst = max(float((two["gradients"][k] - one["gradients"][k]).abs().max()) for k in one["gradients"])
-    assert worst < 1e-5, worst
+    assert_same_step(two, one)
     # the check has teeth: the gradients are far from zero, and one process on half the batch differs
     assert max(float(g.abs().max()) for g in one["gradients"].values()) > 1e-3
     half = sam_one_step_gradients(tmp_path / "half", global_batch=4)
