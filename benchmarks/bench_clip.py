@@ -11,7 +11,13 @@ attention mask for hf_vl and transformers, as the pipeline passes it; open_clip 
 medians and the median of per-round ratios. ``ratio`` = reference time / hf_vl time (> 1: hf_vl faster).
 ``max|d|`` is the largest difference of the normalised image and text embeddings to hf_vl's.
 
-Usage: ``python benchmarks/bench_clip.py [--quick] [--pairs N] [--variants ViT-B/32,RN50] [--cases fp32:1,bf16:8]``.
+Texts are padded to CLIP's 77-token context by default (the tokenizer's ``padding=True``, as the zero-shot pipeline
+calls it; open_clip's tokenizer always gives 77): hf_vl's text tower stops after the batch's last real token, the
+references compute every column. ``--padding longest`` pads hf_vl's and transformers' texts to the longest sentence
+instead (no such saving); open_clip always gets 77 tokens, the only length its text tower takes.
+
+Usage: ``python benchmarks/bench_clip.py [--quick] [--pairs N] [--variants ViT-B/32,RN50] [--cases fp32:1,bf16:8]
+[--padding context|longest]``.
 A smoke test can call ``run(cases=(("fp32", 2),), pairs=1, warmup=0, build=build_tiny_models)``.
 """
 
@@ -131,23 +137,33 @@ def build_tiny_models(variant: str = "ViT-B/32", seed: int = 0) -> dict[str, nn.
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def make_inputs(batch: int, image_size: int) -> dict[str, torch.Tensor]:
-    """scikit-image photographs (cycled, mirrored on the second pass) and real sentences, preprocessed as CLIP."""
+PADDINGS = ("context", "longest")
+
+
+def make_inputs(batch: int, image_size: int, padding: str = "context") -> dict[str, torch.Tensor]:
+    """scikit-image photographs (cycled, mirrored on the second pass) and real sentences, preprocessed as CLIP:
+    texts padded to the 77-token context (``padding="context"``: CLIP's tokenizer default, what the zero-shot
+    pipeline and open_clip's tokenizer give) or to the longest sentence (``"longest"``)."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     from skimage import data
 
     photos = [data.astronaut(), data.coffee(), data.chelsea()]
     images = [Image.fromarray(photos[i % 3][:, ::-1] if (i // 3) % 2 else photos[i % 3]) for i in range(batch)]
     processor = HfVlClipImageProcessor(size={"shortest_edge": image_size},
                                        crop_size={"height": image_size, "width": image_size})
-    text = load_clip_tokenizer()([SENTENCES[i % len(SENTENCES)] for i in range(batch)], padding=True,
-                                 return_tensors="pt")
-    return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], **text}
+    tokenizer, sentences = load_clip_tokenizer(), [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
+    text = tokenizer(sentences, padding=True if padding == "context" else "longest", return_tensors="pt")
+    # open_clip adds its whole 77-position table: it only takes context-padded ids
+    open_clip_ids = tokenizer(sentences, padding=True, return_tensors="pt")["input_ids"]
+    return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], **text,
+            "open_clip_input_ids": open_clip_ids}
 
 
 def embed(name: str, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(image_embeds, text_embeds), L2-normalised, from one image+text forward of ``model``."""
     if name == "open_clip":
-        image, text, _ = model(inputs["pixel_values"], inputs["input_ids"])
+        image, text, _ = model(inputs["pixel_values"], inputs["open_clip_input_ids"])
         return image, text
     out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
                 attention_mask=inputs["attention_mask"])
@@ -187,8 +203,9 @@ def run_case(models: dict, variant: str, dtype_name: str, batch: int, inputs: di
 
 
 def run(variants: Sequence[str] = tuple(VARIANTS), cases: Sequence[tuple[str, int]] = CASES, pairs: int = 7,
-        warmup: int = 2, build: Callable[[str], dict] = build_models) -> list[dict]:
-    """Benchmark every (variant, dtype, batch); ``build(variant)`` gives the models (tests pass tiny ones)."""
+        warmup: int = 2, build: Callable[[str], dict] = build_models, padding: str = "context") -> list[dict]:
+    """Benchmark every (variant, dtype, batch); ``build(variant)`` gives the models (tests pass tiny ones);
+    ``padding`` as :func:`make_inputs`."""
     if pairs < 1 or warmup < 0:
         raise ValueError(f"pairs must be >= 1 and warmup >= 0, got pairs={pairs}, warmup={warmup}")
     for dtype_name, batch in cases:
@@ -197,7 +214,8 @@ def run(variants: Sequence[str] = tuple(VARIANTS), cases: Sequence[tuple[str, in
     rows = []
     for variant in variants:
         models = build(variant)
-        inputs = make_inputs(max(batch for _, batch in cases), models["hf_vl"].config.vision_config.image_size)
+        inputs = make_inputs(max(batch for _, batch in cases), models["hf_vl"].config.vision_config.image_size,
+                             padding)
         rows += [run_case(models, variant, dtype, batch, inputs, pairs, warmup) for dtype, batch in cases]
         del models
     return rows
@@ -225,14 +243,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--cases", type=parse_dtype_batch_cases, default=CASES, help="e.g. fp32:1,bf16:8 (default: all four)"
     )
+    parser.add_argument("--padding", choices=PADDINGS, default="context",
+                        help="texts padded to the 77-token context (the tokenizer's default) or the longest text")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     pairs = args.pairs if args.pairs is not None else (7 if args.quick else 15)
-    print(f"CLIP image+text forward, torch {torch.__version__}, {torch.get_num_threads()} threads, {pairs} rounds")
-    print(format_rows(run(variants, args.cases, pairs)))
+    print(f"CLIP image+text forward, torch {torch.__version__}, {torch.get_num_threads()} threads, {pairs} rounds, "
+          f"texts padded to the {args.padding}")
+    print(format_rows(run(variants, args.cases, pairs, padding=args.padding)))
 
 
 if __name__ == "__main__":

@@ -318,6 +318,66 @@ def test_padding_mask_with_sdpa_equals_eager():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _padded_to_context(batch_size: int) -> dict:
+    """text_inputs padded with more padding up to the whole context, as CLIP's tokenizer pads to 77."""
+    inputs = text_inputs(batch_size)
+    extra = CONTEXT - SEQ_LENGTH
+    return {key: F.pad(value, (0, extra)) for key, value in inputs.items()}
+
+
+def _embedded_lengths(model, call) -> tuple[list[int], object]:
+    """The sequence lengths the text embeddings ran on during ``call()``, and its output."""
+    lengths = []
+    handle = model.embeddings.register_forward_hook(lambda module, args, output: lengths.append(output.shape[1]))
+    try:
+        with torch.no_grad():
+            output = call()
+    finally:
+        handle.remove()
+    return lengths, output
+
+
+def test_text_tower_stops_after_the_last_real_token():
+    """With attention_mask the tower runs only up to the batch's last real token (trailing columns are padding in
+    every row): the same pooled outputs and real-token states as the whole context, zeros at padding."""
+    model = _text_model()
+    inputs = _padded_to_context(BATCH_SIZE)
+    mask = inputs["attention_mask"]
+    last_real = int(mask.sum(1).max())
+    lengths, trimmed = _embedded_lengths(model, lambda: model(**inputs))
+    assert lengths == [last_real] and last_real < CONTEXT
+    with torch.no_grad():
+        whole = model(inputs["input_ids"])  # no mask: every column computed (causal, right padding harmless)
+    torch.testing.assert_close(trimmed.pooler_output, whole.pooler_output, atol=1e-6, rtol=1e-5)
+    real = mask.bool()
+    assert trimmed.last_hidden_state.shape == whole.last_hidden_state.shape
+    torch.testing.assert_close(trimmed.last_hidden_state[real], whole.last_hidden_state[real], atol=1e-6, rtol=1e-5)
+    assert not trimmed.last_hidden_state[~real].any()
+    # one row alone runs to its own end and gives the same row (padding zeros do not depend on the batch)
+    lengths, alone = _embedded_lengths(model, lambda: model(**{k: v[2:3] for k, v in inputs.items()}))
+    assert lengths == [int(mask[2].sum())]
+    torch.testing.assert_close(alone.last_hidden_state, trimmed.last_hidden_state[2:3], atol=1e-6, rtol=1e-5)
+
+
+def test_text_tower_runs_every_column_when_needed():
+    """Left padding (real tokens at the end), a real token after the end token, and captured hidden states or
+    attentions all keep the whole length."""
+    model = _text_model()
+    inputs = _padded_to_context(2)
+    left = {key: value.flip(-1) for key, value in inputs.items()}
+    lengths, _ = _embedded_lengths(model, lambda: model(**left))
+    assert lengths == [CONTEXT]
+    late = {key: value.clone() for key, value in inputs.items()}
+    late["attention_mask"][0, CONTEXT - 2] = 1  # a real token late in the row
+    lengths, _ = _embedded_lengths(model, lambda: model(**late))
+    assert lengths == [CONTEXT - 1]
+    for flag in ("output_hidden_states", "output_attentions"):
+        lengths, output = _embedded_lengths(model, lambda: model(**inputs, **{flag: True}))
+        assert lengths == [CONTEXT], flag
+        if flag == "output_hidden_states":
+            assert all(states.shape[1] == CONTEXT for states in output.hidden_states)
+
+
 def test_text_tower_is_causal():
     model = _text_model()
     ids = text_inputs(1)["input_ids"]

@@ -12,6 +12,12 @@ Deviations from the original:
   original clamps the parameter in its training loop). OpenAI's trained fp16 value exp(4.6055) = 100.03 becomes 100.
 - ``attention_mask`` (padding) is combined with the causal mask, so left padding works; the original has no mask.
 - Text pooling can use the first ``eos_token_id`` (``pooling="eos"``) instead of the position of the largest id.
+- With ``attention_mask``, the text tower stops after the batch's last real token and last pooled position
+  (:func:`needed_text_length`): causal attention makes every state before it independent of the trailing padding
+  columns, so pooled outputs are the same (CLIP's tokenizer pads to 77; typical prompts are under 20 tokens). With
+  ``attention_mask``, ``last_hidden_state`` is zero at every padding position (the original computes states there
+  that nothing uses), so it does not depend on how far the batch's longest text made the tower run. Not trimmed
+  while hidden states or attentions are captured.
 - ``interpolate_pos_encoding=True`` resamples the ViT's and the attention pool's position grids for other sizes.
 """
 
@@ -124,20 +130,33 @@ def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
     )
 
 
-def pool_text(last_hidden_state: torch.Tensor, input_ids: torch.Tensor, config: HfVlClipTextConfig) -> torch.Tensor:
-    """The end-of-text token's state, (batch, hidden). ``argmax``: OpenAI's rule (EOT has the largest id; ties go
-    to the first, so EOT used as padding still pools the real end); ``eos``: the first ``eos_token_id``."""
+def text_pool_positions(input_ids: torch.Tensor, config: HfVlClipTextConfig) -> torch.Tensor:
+    """The position each row is pooled at, (batch,). ``argmax``: OpenAI's rule (EOT has the largest id; ties go to
+    the first, so EOT used as padding still pools the real end); ``eos``: the first ``eos_token_id``."""
     if config.pooling == "argmax":
-        positions = input_ids.argmax(dim=-1)
-    else:
-        is_eos = input_ids == config.eos_token_id
-        if not torch.compiler.is_compiling() and not bool(is_eos.any(dim=-1).all()):
-            raise ValueError(
-                f"pooling='eos' needs eos_token_id={config.eos_token_id} in every row of input_ids; some rows have "
-                "none (truncated without an end token?)"
-            )
-        positions = is_eos.int().argmax(dim=-1)
+        return input_ids.argmax(dim=-1)
+    is_eos = input_ids == config.eos_token_id
+    if not torch.compiler.is_compiling() and not bool(is_eos.any(dim=-1).all()):
+        raise ValueError(
+            f"pooling='eos' needs eos_token_id={config.eos_token_id} in every row of input_ids; some rows have "
+            "none (truncated without an end token?)"
+        )
+    return is_eos.int().argmax(dim=-1)
+
+
+def pool_text(last_hidden_state: torch.Tensor, input_ids: torch.Tensor, config: HfVlClipTextConfig) -> torch.Tensor:
+    """The end-of-text token's state, (batch, hidden), at :func:`text_pool_positions`."""
+    positions = text_pool_positions(input_ids, config)
     return last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), positions]
+
+
+def needed_text_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: HfVlClipTextConfig) -> int:
+    """How many leading positions decide every output a caller can use: up to the batch's last real token
+    (``attention_mask``) and its last pooled position. Causal attention never looks ahead, so the states there do
+    not depend on the trailing columns, which are padding in every row (CLIP's tokenizer pads to 77)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last_token = int((positions * (attention_mask != 0)).max()) + 1
+    return max(last_token, int(text_pool_positions(input_ids, config).max()) + 1)
 
 
 class HfVlClipTextEmbeddings(nn.Module):
@@ -317,15 +336,31 @@ class HfVlClipTextModel(HfVlClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         r"""input_ids: (batch, length <= max_position_embeddings) CLIP BPE ids; attention_mask: (batch, length),
         1 for tokens and 0 for padding (optional: without it, right padding after the end token is harmless,
-        as causal attention never looks ahead)."""
+        as causal attention never looks ahead). With it, ``last_hidden_state`` is zero at padding positions and the
+        trailing padding columns are not computed (see the module docstring)."""
         check_text_inputs(input_ids, attention_mask, self.config)
-        hidden_states = self.embeddings(input_ids)
-        mask = None if attention_mask is None else causal_padding_mask(attention_mask, hidden_states.dtype)
+        full = input_ids.shape[1]
+        length = self._computed_length(input_ids, attention_mask, kwargs)
+        hidden_states = self.embeddings(input_ids[:, :length])
+        mask = None if attention_mask is None else causal_padding_mask(attention_mask[:, :length], hidden_states.dtype)
         hidden_states = self.encoder(hidden_states, attention_mask=mask, **kwargs)
-        last_hidden_state = self.final_layer_norm(hidden_states)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=pool_text(last_hidden_state, input_ids, self.config)
-        )
+        last_hidden_state = self.final_layer_norm(hidden_states)  # (batch, length, hidden)
+        pooled = pool_text(last_hidden_state, input_ids, self.config)
+        if attention_mask is not None:  # zeros at padding, wherever the batch's length stopped the computation
+            last_hidden_state = last_hidden_state * attention_mask[:, :length, None].to(last_hidden_state.dtype)
+        if length < full:  # (batch, length, hidden) -> (batch, full, hidden)
+            last_hidden_state = F.pad(last_hidden_state, (0, 0, 0, full - length))
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled)
+
+    def _computed_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> int:
+        """All positions, or with ``attention_mask`` only up to :func:`needed_text_length` (never while per-layer
+        hidden states or attentions are captured, whose trailing positions would then be missing, nor while
+        compiling: the length is read from the tensors)."""
+        capturing = any(kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False))
+                        for name in ("hidden_states", "attentions"))  # fmt: skip
+        if attention_mask is None or capturing or torch.compiler.is_compiling():
+            return input_ids.shape[1]
+        return needed_text_length(input_ids, attention_mask, self.config)
 
 
 class HfVlClipVisionModel(HfVlClipPreTrainedModel):
