@@ -450,3 +450,18 @@ def test_inference_decodes_prompts_in_chunks_with_the_same_masks(model, embeddin
         torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(selected[0], whole[0][:, :, 1:], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(selected[1], whole[1][:, :, 1:], atol=1e-6, rtol=1e-6)
+
+
+def test_final_attention_runs_only_for_the_requested_tokens(model, embeddings):
+    """``output_tokens``: the same rows as the full token output (attention rows are independent), fewer of them."""
+    transformer = model.mask_decoder.transformer
+    torch.manual_seed(0)
+    tokens = torch.randn(2 * POINT_BATCH, 8, DIM)
+    image_pe = model.get_image_positional_embeddings()[None]
+    with torch.no_grad():
+        full, states = transformer(embeddings, image_pe, tokens)
+        chosen = [0, 2, 3]
+        some, same_states = transformer(embeddings, image_pe, tokens, output_tokens=chosen)
+    assert full.shape[1] == 8 and some.shape[1] == 3
+    torch.testing.assert_close(some, full[:, chosen], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(same_states, states, atol=0, rtol=0)

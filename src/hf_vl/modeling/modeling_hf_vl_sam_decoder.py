@@ -373,12 +373,15 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
             image = image_embeddings + dense_embeddings[:groups]
         elif projections is None:
             image = image_embeddings.repeat_interleave(point_batch, dim=0) + dense_embeddings
-        tokens_out, image_states = self.transformer(image, image_pe[None], tokens, projections, **kwargs)
-        upscaled = self.upscale(image_states)  # (rows, h*w, 16, hidden/8)
         indices = range(self.num_mask_tokens)[mask_tokens]
+        # the final attention runs for the IoU token and the selected mask tokens only (prompt tokens are not read)
+        tokens_out, image_states = self.transformer(image, image_pe[None], tokens, projections,
+                                                    output_tokens=[0, *(1 + index for index in indices)], **kwargs)
+        upscaled = self.upscale(image_states)  # (rows, h*w, 16, hidden/8)
         hyper_in = torch.stack(
-            [self.output_hypernetworks_mlps[index](tokens_out[:, 1 + index]) for index in indices], dim=1
-        )  # (rows, masks, hidden/8)
+            [self.output_hypernetworks_mlps[index](tokens_out[:, 1 + position])
+             for position, index in enumerate(indices)], dim=1
+        )  # (rows, masks, hidden/8), tokens_out: (rows, 1 + masks, hidden)
         # (rows, masks, hidden/8) @ (rows, hidden/8, h*w*16) -> (rows, masks, h, w, 2, 2, 2, 2) (sub-pixels: row 1,
         # column 1, row 2, column 2) -> (rows, masks, h, 2, 2, w, 2, 2) -> (rows, masks, 4h, 4w)
         masks = hyper_in @ upscaled.flatten(1, 2).transpose(1, 2)

@@ -277,13 +277,15 @@ class HfVlSamTwoWayTransformer(nn.Module):
 
     def forward(
         self, image_embeddings: torch.Tensor | None, image_pe: torch.Tensor | None, tokens: torch.Tensor,
-        image: _ImageProjections | None = None, **kwargs,
+        image: _ImageProjections | None = None, output_tokens: list[int] | None = None, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embeddings (groups, hidden, h, w), ``groups`` dividing ``rows``: rows / groups consecutive prompts
         decode against each (groups = rows: one image state per prompt; fewer: shared, computed once);
         image_pe (1 or groups, hidden, h, w); tokens (rows, tokens, hidden). ``image``: the first layer's image-side
         work (:meth:`project_image`), which then stands for image_embeddings and image_pe (both ignored).
-        Returns tokens (rows, tokens, hidden) and image states (rows, h*w, hidden)."""
+        ``output_tokens``: the token positions to return (default all); the final attention, whose query rows are
+        independent, runs only for them (the decoder needs the IoU and mask tokens, never the prompt tokens).
+        Returns tokens (rows, len(output_tokens) or tokens, hidden) and image states (rows, h*w, hidden)."""
         if image is None:
             # (groups, hidden, h, w) -> (groups, h*w, hidden)
             keys, key_pe = image_embeddings.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
@@ -295,6 +297,8 @@ class HfVlSamTwoWayTransformer(nn.Module):
         queries = tokens
         for index, layer in enumerate(self.layers):
             queries, keys = layer(queries, keys, tokens, key_pe, image if index == 0 else None, **kwargs)
+        if output_tokens is not None:  # (rows, tokens, hidden) -> (rows, len(output_tokens), hidden)
+            queries, tokens = queries[:, output_tokens], tokens[:, output_tokens]
         queries = _token_to_image(self.final_attn_token_to_image, queries, tokens, keys, keys + key_pe, **kwargs)
         if keys.shape[0] != rows:  # no two-way layers: the image states were never expanded per prompt
             keys = keys.repeat_interleave(rows // keys.shape[0], dim=0)
