@@ -33,7 +33,12 @@ Deviations from the original:
   :mod:`.modeling_hf_vl_sam_two_way`.
 - The output upscaling's transposed convolutions (kernel 2, stride 2) run as per-pixel linear maps on the
   channels-last image states (see :class:`HfVlSamMaskDecoder`). ``predict_masks`` returns every mask token's
-  output (the ONNX export's need); ``forward`` selects from it.
+  output by default (the ONNX export's need) or the ``mask_tokens`` selected by ``forward``; outside autograd only
+  the selected ones are computed (the original computes all four and slices), and the final token->image attention
+  runs only for the IoU and selected mask tokens (the prompt tokens' outputs are never read; attention rows are
+  independent, so the rows kept are unchanged).
+- In inference (autograd off) prompts decode in chunks of ``DECODE_CHUNK_BYTES`` of image states, each prompt's
+  arithmetic unchanged (cache-sized working sets on the CPU).
 - Point labels 2 / 3 (a box's corners given as points, as in segment-anything's ONNX model) add the top-left /
   bottom-right embeddings.
 """
