@@ -465,3 +465,19 @@ def test_final_attention_runs_only_for_the_requested_tokens(model, embeddings):
     assert full.shape[1] == 8 and some.shape[1] == 3
     torch.testing.assert_close(some, full[:, chosen], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(same_states, states, atol=0, rtol=0)
+
+
+def test_chunked_inference_accepts_one_dense_embedding_per_image(model, embeddings, monkeypatch):
+    """A direct predict_masks call with one dense embedding per image (not per prompt) is not split by prompt."""
+    import hf_vl.modeling.modeling_hf_vl_sam_decoder as decoder_module
+
+    prompts = tiny_prompts(2)
+    with torch.no_grad():
+        sparse, _ = model.prompt_encoder(prompts["input_points"], prompts["input_labels"], None, None, 2, POINT_BATCH)
+        dense = model.prompt_encoder.mask_embed(torch.randn(2, 1, MASK, MASK))  # (batch, hidden, h, w)
+        args = (embeddings, model.get_image_positional_embeddings(), sparse, dense)
+        whole = model.mask_decoder.predict_masks(*args)
+        monkeypatch.setattr(decoder_module, "DECODE_CHUNK_BYTES", 1)
+        again = model.mask_decoder.predict_masks(*args)
+    for ours, expected in zip(again, whole):
+        torch.testing.assert_close(ours, expected, atol=0, rtol=0)

@@ -345,7 +345,8 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
             masks, iou = self._predict_masks(image_embeddings, image_pe, sparse_embeddings, dense_embeddings,
                                              slice(None), **kwargs)  # fmt: skip
             return masks[:, :, mask_tokens], iou[:, :, mask_tokens]
-        if torch.compiler.is_compiling() or point_batch <= chunk:
+        per_row_dense = dense_embeddings.shape[0] == batch * point_batch  # else one per image: not split by prompt
+        if torch.compiler.is_compiling() or point_batch <= chunk or not per_row_dense:
             return self._predict_masks(image_embeddings, image_pe, sparse_embeddings, dense_embeddings, mask_tokens,
                                        **kwargs)  # fmt: skip
         # dense (batch * P, hidden, h, w) -> (batch, P, hidden, h, w): a view, expanded (no mask prompt) or not
