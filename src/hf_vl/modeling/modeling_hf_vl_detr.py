@@ -260,28 +260,31 @@ class HfVlDetrModel(HfVlDetrPreTrainedModel):
             raise ValueError(f"backbone_features must have shape (batch, {channels}, height, width), got "
                              f"{tuple(backbone_features.shape)}")  # fmt: skip
 
-    def encode(self, pixel_values: torch.Tensor | None, pixel_mask: torch.Tensor | None, collect: dict,
-               backbone_features: torch.Tensor | None = None, **kwargs):  # fmt: skip
-        """Backbone (unless ``backbone_features`` are given) and encoder. Returns (features, mask, projected map,
-        memory, position, key mask); features holds only the last map when ``backbone_features`` are given."""
+    def _trunk_maps(self, pixel_values: torch.Tensor | None, pixel_mask: torch.Tensor | None,
+                    backbone_features: torch.Tensor | None) -> tuple[dict, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(features, mask, position): the backbone's from pixels, or around given ``backbone_features`` (its last
+        map; features then holds only that). A missing ``pixel_mask`` is all ones at the input's resolution (pixel or
+        feature): it is downsampled to the map either way."""
         if (pixel_values is None) == (backbone_features is None):
             raise ValueError("pass exactly one of pixel_values and backbone_features")
         if backbone_features is None:
             check_pixel_values(pixel_values, self.config.num_channels)
-            pixel_values = pixel_values.to(self.input_projection.weight.dtype)  # pipelines load with dtype="auto"
-            size = pixel_values.shape[:1] + pixel_values.shape[2:]
         else:
             self._check_backbone_features(backbone_features)
-            backbone_features = backbone_features.to(self.input_projection.weight.dtype)
-            size = backbone_features.shape[:1] + backbone_features.shape[2:]
-        reference = pixel_values if backbone_features is None else backbone_features
-        if pixel_mask is None:  # at pixel or feature resolution: it is downsampled to the map either way
-            pixel_mask = torch.ones(size, device=reference.device)
+        given = pixel_values if backbone_features is None else backbone_features
+        given = given.to(self.input_projection.weight.dtype)  # pipelines load with dtype="auto": follow the weights
+        if pixel_mask is None:
+            pixel_mask = torch.ones(given.shape[:1] + given.shape[2:], device=given.device)
         if backbone_features is None:
-            features, mask, position = self.backbone(pixel_values, pixel_mask)
-        else:
-            features = {self.backbone.body.out_features[-1]: backbone_features}
-            mask, position = self.backbone.mask_and_position(backbone_features, pixel_mask)
+            return self.backbone(given, pixel_mask)
+        mask, position = self.backbone.mask_and_position(given, pixel_mask)
+        return {self.backbone.body.out_features[-1]: given}, mask, position
+
+    def encode(self, pixel_values: torch.Tensor | None, pixel_mask: torch.Tensor | None, collect: dict,
+               backbone_features: torch.Tensor | None = None, **kwargs):  # fmt: skip
+        """Backbone (unless ``backbone_features`` are given) and encoder. Returns (features, mask, projected map,
+        memory, position, key mask); features holds only the last map when ``backbone_features`` are given."""
+        features, mask, position = self._trunk_maps(pixel_values, pixel_mask, backbone_features)
         projected = self.input_projection(features[self.backbone.body.out_features[-1]])
         # (batch, hidden, h, w) -> (batch, h * w, hidden)
         hidden_states = projected.flatten(2).transpose(1, 2)
