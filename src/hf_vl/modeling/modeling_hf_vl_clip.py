@@ -144,19 +144,14 @@ def text_pool_positions(input_ids: torch.Tensor, config: HfVlClipTextConfig) -> 
     return is_eos.int().argmax(dim=-1)
 
 
-def pool_text(last_hidden_state: torch.Tensor, input_ids: torch.Tensor, config: HfVlClipTextConfig) -> torch.Tensor:
-    """The end-of-text token's state, (batch, hidden), at :func:`text_pool_positions`."""
-    positions = text_pool_positions(input_ids, config)
-    return last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), positions]
-
-
-def needed_text_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: HfVlClipTextConfig) -> int:
+def needed_text_length(attention_mask: torch.Tensor, pool_positions: torch.Tensor) -> int:
     """How many leading positions decide every output a caller can use: up to the batch's last real token
-    (``attention_mask``) and its last pooled position. Causal attention never looks ahead, so the states there do
-    not depend on the trailing columns, which are padding in every row (CLIP's tokenizer pads to 77)."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    (``attention_mask``) and its last pooled position (:func:`text_pool_positions`). Causal attention never looks
+    ahead, so the states there do not depend on the trailing columns, which are padding in every row (CLIP's
+    tokenizer pads to 77)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last_token = int((positions * (attention_mask != 0)).max()) + 1
-    return max(last_token, int(text_pool_positions(input_ids, config).max()) + 1)
+    return max(last_token, int(pool_positions.max()) + 1)
 
 
 class HfVlClipTextEmbeddings(nn.Module):
@@ -340,27 +335,31 @@ class HfVlClipTextModel(HfVlClipPreTrainedModel):
         trailing padding columns are not computed (see the module docstring)."""
         check_text_inputs(input_ids, attention_mask, self.config)
         full = input_ids.shape[1]
-        length = self._computed_length(input_ids, attention_mask, kwargs)
+        pool_positions = text_pool_positions(input_ids, self.config)  # (batch,)
+        length = self._computed_length(attention_mask, pool_positions, full, kwargs)
         hidden_states = self.embeddings(input_ids[:, :length])
         mask = None if attention_mask is None else causal_padding_mask(attention_mask[:, :length], hidden_states.dtype)
         hidden_states = self.encoder(hidden_states, attention_mask=mask, **kwargs)
         last_hidden_state = self.final_layer_norm(hidden_states)  # (batch, length, hidden)
-        pooled = pool_text(last_hidden_state, input_ids, self.config)
+        # the end-of-text state of each row, (batch, hidden)
+        pooled = last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), pool_positions]
         if attention_mask is not None:  # zeros at padding, wherever the batch's length stopped the computation
             last_hidden_state = last_hidden_state * attention_mask[:, :length, None].to(last_hidden_state.dtype)
         if length < full:  # (batch, length, hidden) -> (batch, full, hidden)
             last_hidden_state = F.pad(last_hidden_state, (0, 0, 0, full - length))
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled)
 
-    def _computed_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> int:
+    def _computed_length(
+        self, attention_mask: torch.Tensor | None, pool_positions: torch.Tensor, full: int, kwargs: dict
+    ) -> int:
         """All positions, or with ``attention_mask`` only up to :func:`needed_text_length` (never while per-layer
         hidden states or attentions are captured, whose trailing positions would then be missing, nor while
         compiling: the length is read from the tensors)."""
         capturing = any(kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False))
                         for name in ("hidden_states", "attentions"))  # fmt: skip
         if attention_mask is None or capturing or torch.compiler.is_compiling():
-            return input_ids.shape[1]
-        return needed_text_length(input_ids, attention_mask, self.config)
+            return full
+        return needed_text_length(attention_mask, pool_positions)
 
 
 class HfVlClipVisionModel(HfVlClipPreTrainedModel):
