@@ -53,7 +53,7 @@ from transformers.activations import ACT2FN
 from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig, HfVlSamPromptEncoderConfig, HfVlSamVisionConfig
 from .hf_vl_embeddings import HfVlRandomFourierPositionEmbedding
 from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlpStack, can_fuse_linear, fused_linear
-from .modeling_hf_vl_sam_two_way import HfVlSamTwoWayLayer, HfVlSamTwoWayTransformer, _ImageProjections
+from .modeling_hf_vl_sam_two_way import HfVlSamTwoWayLayer, HfVlSamTwoWayTransformer, _ImageProjections, _products
 from .modeling_hf_vl_sam_vision import HfVlSamLayerNorm2d
 
 PAD_LABEL = -10  # transformers SamProcessor's padding label: the point contributes nothing
@@ -390,7 +390,7 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         )  # (rows, masks, hidden/8), tokens_out: (rows, 1 + masks, hidden)
         # (rows, masks, hidden/8) @ (rows, hidden/8, h*w*16) -> (rows, masks, h, w, 2, 2, 2, 2) (sub-pixels: row 1,
         # column 1, row 2, column 2) -> (rows, masks, h, 2, 2, w, 2, 2) -> (rows, masks, 4h, 4w)
-        masks = hyper_in @ upscaled.flatten(1, 2).transpose(1, 2)
+        masks = _products(hyper_in, upscaled.flatten(1, 2))
         masks = masks.view(rows, -1, height, width, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         masks = masks.reshape(batch, point_batch, -1, 4 * height, 4 * width)
         iou_pred = self.iou_prediction_head(tokens_out[:, 0])[:, mask_tokens]
