@@ -311,12 +311,12 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         # (rows, h*w, hidden) -> (rows, h*w, 4, hidden/4): each cell's 2x2 pixels of the first upscaling
         hidden_states = linear(image_states, weight1, bias1).unflatten(-1, (4, -1))
         norm = self.upscale_layer_norm
-        hidden_states = self.upscale_act(F.layer_norm(hidden_states, norm.normalized_shape, norm.weight, norm.bias,
-                                                      norm.eps))  # fmt: skip
+        hidden_states = F.layer_norm(hidden_states, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         if fast and type(self.upscale_act) is type(ACT2FN["gelu"]):
+            hidden_states = torch.ops.aten.gelu_(hidden_states)  # in place on the fresh norm output: one pass less
             hidden_states = fused_linear(hidden_states, weight2, bias2, "gelu")
         else:
-            hidden_states = self.upscale_act(linear(hidden_states, weight2, bias2))
+            hidden_states = self.upscale_act(linear(self.upscale_act(hidden_states), weight2, bias2))
         # (rows, h*w, 4, 4 * hidden/8) -> (rows, h*w, 16, hidden/8)
         return hidden_states.unflatten(-1, (4, -1)).flatten(2, 3)
 
