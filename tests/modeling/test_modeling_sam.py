@@ -481,3 +481,31 @@ def test_chunked_inference_accepts_one_dense_embedding_per_image(model, embeddin
         again = model.mask_decoder.predict_masks(*args)
     for ours, expected in zip(again, whole):
         torch.testing.assert_close(ours, expected, atol=0, rtol=0)
+
+
+def test_chunked_inference_looks_the_cached_image_side_up_once(model, embeddings, monkeypatch):
+    """Without a mask prompt the first layer's cached image-side work is validated once per call, not per chunk, and
+    the chunks' masks, written into one output, equal the whole decode."""
+    import hf_vl.modeling.modeling_hf_vl_sam_decoder as decoder_module
+
+    prompts = tiny_prompts(2)
+    points, labels = prompts["input_points"].repeat(1, 2, 1, 1), prompts["input_labels"].repeat(1, 2, 1)
+    lookups = []
+    original = decoder_module.HfVlSamMaskDecoder._image_projections
+
+    def spy(self, *args):
+        lookups.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(decoder_module.HfVlSamMaskDecoder, "_image_projections", spy)
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points, labels, None, None, 2, 2 * POINT_BATCH)
+        args = (embeddings, model.get_image_positional_embeddings(), sparse, dense)
+        whole = model.mask_decoder.predict_masks(*args)
+        lookups.clear()
+        monkeypatch.setattr(decoder_module, "DECODE_CHUNK_BYTES", 1)  # one prompt per chunk
+        chunked = model.mask_decoder.predict_masks(*args, mask_tokens=slice(1, None))
+    assert len(lookups) == 1
+    assert chunked[0].is_contiguous() and chunked[0].shape == whole[0][:, :, 1:].shape
+    torch.testing.assert_close(chunked[0], whole[0][:, :, 1:], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked[1], whole[1][:, :, 1:], atol=1e-6, rtol=1e-6)

@@ -208,6 +208,19 @@ def _subpixel_linear_weights(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, to
     return weight, conv.bias.repeat(4)
 
 
+def _unshuffle_masks(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sub-pixel blocks (batch, P, masks, h, w, 2, 2, 2, 2) (each embedding cell's 4x4 pixels: row 1, column 1, row 2,
+    column 2, as :meth:`HfVlSamMaskDecoder.upscale` orders them) -> masks (batch, P, masks, 4h, 4w), written into
+    ``out`` (any strides) when given."""
+    batch, point_batch, masks, height, width = blocks.shape[:5]
+    # (batch, P, masks, h, w, 2, 2, 2, 2) -> (batch, P, masks, h, 2, 2, w, 2, 2)
+    blocks = blocks.permute(0, 1, 2, 3, 5, 7, 4, 6, 8)
+    if out is None:
+        return blocks.reshape(batch, point_batch, masks, 4 * height, 4 * width)
+    out.view(batch, point_batch, masks, height, 2, 2, width, 2, 2).copy_(blocks)
+    return out
+
+
 class HfVlSamMaskDecoder(HfVlFastLinearModule):
     """Output tokens + prompt tokens through the two-way transformer; masks from the upscaled image states dotted
     with per-token hypernetwork outputs; IoU from the IoU token.
@@ -351,15 +364,38 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
                                        **kwargs)  # fmt: skip
         # dense (batch * P, hidden, h, w) -> (batch, P, hidden, h, w): a view, expanded (no mask prompt) or not
         dense = dense_embeddings.view(batch, point_batch, *dense_embeddings.shape[1:])
-        outputs = [
-            self._predict_masks(image_embeddings, image_pe, sparse_embeddings[:, start : start + chunk],
-                                dense[:, start : start + chunk].flatten(0, 1), mask_tokens, **kwargs)
-            for start in range(0, point_batch, chunk)
-        ]  # fmt: skip
-        return torch.cat([masks for masks, _ in outputs], dim=1), torch.cat([iou for _, iou in outputs], dim=1)
+        # the cached first-layer work (no mask prompt) is looked up once for all chunks, not once per chunk
+        shared = self._shared_image_side(image_embeddings, image_pe, dense[:, :1].flatten(0, 1))
+        masks = ious = None
+        for start in range(0, point_batch, chunk):
+            part = self._predict_masks(image_embeddings, image_pe, sparse_embeddings[:, start : start + chunk],
+                                       dense[:, start : start + chunk].flatten(0, 1), mask_tokens, shared=shared,
+                                       unshuffled=True, **kwargs)  # fmt: skip
+            if masks is None:  # (batch, P, M, 4h, 4w): each chunk's masks are written in place, no concatenation
+                size = part[0].shape
+                masks = part[0].new_empty(batch, point_batch, size[2], 4 * size[3], 4 * size[4])
+                ious = part[1].new_empty(batch, point_batch, part[1].shape[-1])
+            _unshuffle_masks(part[0], masks[:, start : start + chunk])
+            ious[:, start : start + chunk] = part[1]
+        return masks, ious
 
-    def _predict_masks(self, image_embeddings, image_pe, sparse_embeddings, dense_embeddings, mask_tokens, **kwargs):
-        """:meth:`predict_masks` for all prompts at once."""
+    def _shared_image_side(self, image_embeddings, image_pe, dense_embeddings) -> tuple | None:
+        """(image_embeddings, projections) when every prompt decodes against one cacheable image state per image
+        (no mask prompt: ``dense_embeddings`` one vector, expanded) and the cache serves it, else None."""
+        one_dense = dense_embeddings.stride(0) == 0 or dense_embeddings.shape[0] == 1
+        if not (one_dense and dense_embeddings.stride(-1) == dense_embeddings.stride(-2) == 0):
+            return None
+        if image_embeddings.stride(0) == 0:  # one image repeated (an expanded view): one image state
+            image_embeddings = image_embeddings[:1]
+        projections = self._image_projections(image_embeddings, image_pe[None],
+                                              dense_embeddings[: image_embeddings.shape[0]])  # fmt: skip
+        return None if projections is None else (image_embeddings, projections)
+
+    def _predict_masks(self, image_embeddings, image_pe, sparse_embeddings, dense_embeddings, mask_tokens,
+                       shared: tuple | None = None, unshuffled: bool = False, **kwargs):  # fmt: skip
+        """:meth:`predict_masks` for all prompts at once. ``shared``: :meth:`_shared_image_side` for these inputs,
+        already looked up; ``unshuffled``: masks as (rows, masks, h, w, 2, 2, 2, 2) sub-pixel blocks
+        (:func:`_unshuffle_masks` lays them out)."""
         batch, point_batch = sparse_embeddings.shape[:2]
         rows = batch * point_batch
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])  # (1 + masks, hidden)
@@ -371,7 +407,9 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
             image_embeddings = image_embeddings[:1]
         groups, (height, width) = image_embeddings.shape[0], image_embeddings.shape[-2:]
         projections = image = None
-        if one_dense and dense_embeddings.stride(-1) == dense_embeddings.stride(-2) == 0:  # one vector: cacheable
+        if shared is not None:
+            image_embeddings, projections = shared
+        elif one_dense and dense_embeddings.stride(-1) == dense_embeddings.stride(-2) == 0:  # one vector: cacheable
             projections = self._image_projections(image_embeddings, image_pe[None], dense_embeddings[:groups])
         if projections is None and (one_dense or dense_embeddings.shape[0] == batch):
             # one dense embedding for all prompts (no mask prompt: an expanded view) or one per image: each image
@@ -388,13 +426,13 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
             [self.output_hypernetworks_mlps[index](tokens_out[:, 1 + position])
              for position, index in enumerate(indices)], dim=1
         )  # (rows, masks, hidden/8), tokens_out: (rows, 1 + masks, hidden)
-        # (rows, masks, hidden/8) @ (rows, hidden/8, h*w*16) -> (rows, masks, h, w, 2, 2, 2, 2) (sub-pixels: row 1,
-        # column 1, row 2, column 2) -> (rows, masks, h, 2, 2, w, 2, 2) -> (rows, masks, 4h, 4w)
-        masks = _products(hyper_in, upscaled.flatten(1, 2))
-        masks = masks.view(rows, -1, height, width, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-        masks = masks.reshape(batch, point_batch, -1, 4 * height, 4 * width)
-        iou_pred = self.iou_prediction_head(tokens_out[:, 0])[:, mask_tokens]
-        return masks, iou_pred.reshape(batch, point_batch, -1)
+        # (rows, masks, hidden/8) @ (rows, hidden/8, h*w*16) -> (batch, P, masks, h, w, 2, 2, 2, 2) (sub-pixels: row
+        # 1, column 1, row 2, column 2), laid out as (batch, P, masks, 4h, 4w) by _unshuffle_masks
+        masks = _products(hyper_in, upscaled.flatten(1, 2)).view(batch, point_batch, -1, height, width, 2, 2, 2, 2)
+        iou_pred = self.iou_prediction_head(tokens_out[:, 0])[:, mask_tokens].reshape(batch, point_batch, -1)
+        if unshuffled:
+            return masks, iou_pred
+        return _unshuffle_masks(masks), iou_pred
 
     def forward(
         self,

@@ -183,8 +183,9 @@ def _low_rank_attention(
     per = rows // groups
     exact = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16: softmax in fp32, as the eager kernel
     probs = logits.view(groups, heads, per, tokens, length).softmax(-2, dtype=exact).to(logits.dtype)
-    # (groups, heads, per, tokens, h*w) -> (rows, h*w, heads * tokens)
-    probs = probs.permute(0, 2, 4, 1, 3).reshape(rows, length, heads * tokens)
+    # (groups, heads, per, tokens, h*w) -> (rows, heads * tokens, h*w) (a view for one prompt per group, else a copy
+    # of whole h*w rows) -> (rows, h*w, heads * tokens), transposed: the GEMM reads it as is
+    probs = probs.transpose(1, 2).reshape(rows, heads * tokens, length).transpose(1, 2)
     # V_h W_h^T: (rows, heads, tokens, d) @ (heads, d, hidden); out_proj.weight (hidden, heads * d)
     mixed = torch.matmul(value, attention.out_proj.weight.view(hidden, heads, head_dim).permute(1, 2, 0))
     # each head's probabilities sum to one: the bias added to head 0's rows is added once per position
