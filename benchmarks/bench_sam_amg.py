@@ -12,7 +12,9 @@ unless ``--warmup`` (the references cache nothing between calls either). ``ratio
 The random weights are edited by :func:`vary_masks` (the same edit for all three) so grid prompts give varied masks.
 Match statistics compare every record set against segment-anything's: matched = the best mask IoU >= 0.99 and the
 predicted IoU and stability score within 1e-3 (bf16 and the pipeline, which filters differently: IoU >= 0.9, scores
-within 0.05).
+within 0.05). On these random weights every candidate's box spans the image, so box NMS leaves one record; an
+untimed pass on a 16x16 grid with box NMS off then compares every candidate of hf_vl fp32 with segment-anything's
+record from the same grid point (``--parity-grid``).
 
 Usage: ``python benchmarks/bench_sam_amg.py [--quick] [--rounds N] [--no-pipeline] [--no-bf16]``; ``--quick`` is a
 tiny random model and an 8x8 grid (a smoke run). ``tests/benchmarks/test_bench_sam_amg.py`` runs :func:`run` tiny.
@@ -170,13 +172,40 @@ def match_stats(reference: list[dict], other: list[dict], mask_iou: float = 0.99
     return dict(n_ref=len(reference), n=len(other), matched=matched / max(len(reference), 1), worst_iou=worst)
 
 
+def candidate_parity(reference: list[dict], other: list[dict]) -> dict:
+    """Record-by-record agreement where every candidate survives (box NMS off): each reference record against the
+    records of ``other`` from the same grid point (a point yields up to three masks), best mask IoU among them; the
+    worst IoU and the largest predicted-IoU and stability differences of those partners."""
+    by_point: dict = {}
+    for record in other:
+        by_point.setdefault(tuple(np.round(record["point_coords"][0], 3)), []).append(record)
+    worst, iou_diff, stability_diff, matched = 1.0, 0.0, 0.0, 0
+    for record in reference:
+        candidates = by_point.get(tuple(np.round(record["point_coords"][0], 3)), [])
+        ious = [_mask_iou(record["segmentation"], candidate["segmentation"]) for candidate in candidates]
+        if not ious:
+            worst = 0.0
+            continue
+        best = candidates[int(np.argmax(ious))]
+        d_iou = abs(best["predicted_iou"] - record["predicted_iou"])
+        d_stability = abs(best["stability_score"] - record["stability_score"])
+        worst, iou_diff, stability_diff = min(worst, max(ious)), max(iou_diff, d_iou), max(stability_diff, d_stability)
+        matched += max(ious) >= 0.99 and d_iou <= 1e-3 and d_stability <= 1e-3
+    return dict(n_ref=len(reference), n=len(other), matched=matched / max(len(reference), 1), worst_iou=worst,
+                max_iou_diff=iou_diff, max_stability_diff=stability_diff)
+
+
 # ----------------------------------------------------------------------------------------------- run
 def run(config: dict | None = None, grid: int = 32, image: np.ndarray | None = None, rounds: int = 1,
         amg: dict | None = None, with_pipeline: bool = True, with_bf16: bool = True, seed: int = 0,
-        warmup: int = 1) -> dict:
+        warmup: int = 1, parity_grid: int | None = 16) -> dict:
     """Time every generator ``rounds`` times, interleaved, after ``warmup`` untimed hf_vl calls; returns
     ``{"rows": [...], "stages": {...}, ...}`` with per-generator median seconds, ratio (reference / hf_vl fp32, or
-    / hf_vl bf16 for the bf16 row) and agreement with segment-anything's records."""
+    / hf_vl bf16 for the bf16 row) and agreement with segment-anything's records.
+
+    ``parity_grid``: afterwards, untimed, segment-anything's and hf_vl's fp32 generators on that grid with box NMS
+    off, every candidate compared (:func:`candidate_parity`; ``result["parity"]``): on these random weights the
+    candidates' boxes all span the image, so with NMS on only one record is left to compare. None: skipped."""
     if rounds < 1 or grid < 1:
         raise ValueError(f"rounds and grid must be >= 1, got rounds={rounds}, grid={grid}")
     config = config if config is not None else VIT_B
@@ -202,7 +231,13 @@ def run(config: dict | None = None, grid: int = 32, image: np.ndarray | None = N
                 start = time.perf_counter()
                 outputs[name] = call()
                 times[name].append(time.perf_counter() - start)
-    return _summarise(times, outputs, generators, models, grid, image)
+        result = _summarise(times, outputs, generators, models, grid, image)
+        if parity_grid:
+            every = {**amg, "box_nms_thresh": 1.0}  # IoU > 1 never happens: box NMS keeps every candidate
+            reference = _reference_call(sam, image, parity_grid, every)()
+            ours = _hf_vl_call(models["amg_model"], image, parity_grid, every)[1]()
+            result["parity"] = dict(grid=parity_grid, **candidate_parity(reference, ours))
+    return result
 
 
 def _summarise(times, outputs, generators, models, grid, image) -> dict:
@@ -234,6 +269,14 @@ def format_result(result: dict) -> str:
         )
     for name, stages in result["stages"].items():
         lines.append(f"{name} stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
+    if "parity" in result:
+        par = result["parity"]
+        lines.append(
+            f"every candidate, {par['grid']}x{par['grid']} grid, box NMS off: hf_vl_fp32 {par['n']} records, "
+            f"segment_anything {par['n_ref']}, matched {par['matched']:.1%} (same point), worst IoU "
+            f"{par['worst_iou']:.4f}, max |d predicted_iou| {par['max_iou_diff']:.1e}, max |d stability| "
+            f"{par['max_stability_diff']:.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -245,13 +288,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-pipeline", action="store_true", help="skip transformers' mask-generation pipeline")
     parser.add_argument("--no-bf16", action="store_true", help="skip the hf_vl bf16 row")
     parser.add_argument("--warmup", type=int, default=None, help="untimed hf_vl calls first (default: quick 1, else 0)")
+    parser.add_argument("--parity-grid", type=int, default=None,
+                        help="grid of the untimed every-candidate comparison (default 16, quick: the grid; 0: skip)")
     args = parser.parse_args(argv)
     config, image = (TINY, photo(scale=3)) if args.quick else (VIT_B, photo())
     grid = args.grid or (8 if args.quick else 32)
     print(f"SAM automatic masks, {'tiny' if args.quick else 'vit_b'} random weights, {grid}x{grid} grid, "
           f"image {image.shape}, thresholds {BENCH_AMG}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     result = run(config, grid=grid, image=image, rounds=args.rounds, with_pipeline=not args.no_pipeline,
-                 with_bf16=not args.no_bf16, warmup=args.warmup if args.warmup is not None else int(args.quick))
+                 with_bf16=not args.no_bf16, warmup=args.warmup if args.warmup is not None else int(args.quick),
+                 parity_grid=args.parity_grid if args.parity_grid is not None else (grid if args.quick else 16))
     print(f"hf_vl model: {result['model']}")
     print(format_result(result))
 

@@ -25,7 +25,7 @@ def bench():
 @pytest.mark.slow  # ~20 s: four generators, a transformers pipeline and three model builds
 def test_tiny_run_rows_and_agreement(bench):
     image = bench.photo(scale=4)
-    result = bench.run(bench.TINY, grid=4, image=image, rounds=1, warmup=0)
+    result = bench.run(bench.TINY, grid=4, image=image, rounds=1, warmup=0, parity_grid=6)
     names = [row["name"] for row in result["rows"]]
     assert names == ["segment_anything", "transformers_pipeline", "hf_vl_fp32", "hf_vl_bf16"]
     rows = {row["name"]: row for row in result["rows"]}
@@ -38,7 +38,21 @@ def test_tiny_run_rows_and_agreement(bench):
     assert set(result["stages"]["hf_vl_fp32"]) == {"encode", "decode", "filter", "output"}
     assert result["image_shape"] == image.shape and result["threads"] == torch.get_num_threads()
     table = bench.format_result(result)
-    assert len(table.splitlines()) == 1 + 4 + 2 and "hf_vl_bf16" in table
+    assert len(table.splitlines()) == 1 + 4 + 2 + 1 and "hf_vl_bf16" in table and "box NMS off" in table
+    # every candidate (box NMS off) of hf_vl fp32 equals segment-anything's from the same grid point
+    parity = result["parity"]
+    assert parity["grid"] == 6 and parity["n_ref"] > rows["hf_vl_fp32"]["n_ref"] and parity["n"] == parity["n_ref"]
+    assert parity["matched"] == 1.0 and parity["worst_iou"] >= 0.99 and parity["max_iou_diff"] <= 1e-3
+
+
+def test_candidate_parity_finds_a_changed_record(bench):
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[:4] = True
+    record = dict(segmentation=mask, predicted_iou=0.5, stability_score=0.9, point_coords=[[1.0, 2.0]])
+    assert bench.candidate_parity([record], [dict(record)])["matched"] == 1.0
+    assert bench.candidate_parity([record], [dict(record, predicted_iou=0.51)])["matched"] == 0.0
+    assert bench.candidate_parity([record], [dict(record, segmentation=~mask)])["worst_iou"] == 0.0
+    assert bench.candidate_parity([record], [dict(record, point_coords=[[3.0, 2.0]])])["matched"] == 0.0
 
 
 def test_conversions_carry_the_weights(bench):
