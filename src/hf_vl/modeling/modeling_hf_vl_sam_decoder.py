@@ -208,6 +208,11 @@ def _subpixel_linear_weights(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, to
     return weight, conv.bias.repeat(4)
 
 
+def _one_dense(dense_embeddings: torch.Tensor) -> bool:
+    """Whether every prompt has the same dense embedding: no mask prompt (the no-mask embedding, an expanded view)."""
+    return dense_embeddings.stride(0) == 0 or dense_embeddings.shape[0] == 1
+
+
 def _unshuffle_masks(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sub-pixel blocks (batch, P, masks, h, w, 2, 2, 2, 2) (each embedding cell's 4x4 pixels: row 1, column 1, row 2,
     column 2, as :meth:`HfVlSamMaskDecoder.upscale` orders them) -> masks (batch, P, masks, 4h, 4w), written into
@@ -382,8 +387,7 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
     def _shared_image_side(self, image_embeddings, image_pe, dense_embeddings) -> tuple | None:
         """(image_embeddings, projections) when every prompt decodes against one cacheable image state per image
         (no mask prompt: ``dense_embeddings`` one vector, expanded) and the cache serves it, else None."""
-        one_dense = dense_embeddings.stride(0) == 0 or dense_embeddings.shape[0] == 1
-        if not (one_dense and dense_embeddings.stride(-1) == dense_embeddings.stride(-2) == 0):
+        if not (_one_dense(dense_embeddings) and dense_embeddings.stride(-1) == dense_embeddings.stride(-2) == 0):
             return None
         if image_embeddings.stride(0) == 0:  # one image repeated (an expanded view): one image state
             image_embeddings = image_embeddings[:1]
@@ -401,16 +405,14 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])  # (1 + masks, hidden)
         output_tokens = output_tokens.expand(rows, -1, -1)
         tokens = torch.cat([output_tokens, sparse_embeddings.flatten(0, 1).to(output_tokens.dtype)], dim=1)
-        # one dense embedding for every prompt: no mask prompt (the no-mask embedding, an expanded view)
-        one_dense = dense_embeddings.stride(0) == 0 or dense_embeddings.shape[0] == 1
+        one_dense = _one_dense(dense_embeddings)
         if one_dense and image_embeddings.stride(0) == 0:  # one image repeated (an expanded view): one image state
             image_embeddings = image_embeddings[:1]
-        groups, (height, width) = image_embeddings.shape[0], image_embeddings.shape[-2:]
         projections = image = None
-        if shared is not None:
+        shared = self._shared_image_side(image_embeddings, image_pe, dense_embeddings) if shared is None else shared
+        if shared is not None:  # one no-mask vector for every prompt: the cached first-layer work
             image_embeddings, projections = shared
-        elif one_dense and dense_embeddings.stride(-1) == dense_embeddings.stride(-2) == 0:  # one vector: cacheable
-            projections = self._image_projections(image_embeddings, image_pe[None], dense_embeddings[:groups])
+        groups, (height, width) = image_embeddings.shape[0], image_embeddings.shape[-2:]
         if projections is None and (one_dense or dense_embeddings.shape[0] == batch):
             # one dense embedding for all prompts (no mask prompt: an expanded view) or one per image: each image
             # state is built once and the transformer shares its first layer's image-side work among the prompts

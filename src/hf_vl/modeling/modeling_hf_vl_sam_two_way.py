@@ -33,7 +33,6 @@ def _folds(attention: HfVlAttention, queries: int) -> bool:
     return small and not attention.training and not torch.is_grad_enabled()
 
 
-
 def _products(left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``left @ right^T (+ bias)`` per group: left (groups or 1, m, k), right (groups, n, k), bias (groups, n) or None
     -> (groups, m, n). ``right`` may be a transposed view.
