@@ -66,7 +66,8 @@ def build_models_from(sam: nn.Module, config: dict, with_hf_vl_model: bool = Tru
 def vary_masks(sam: nn.Module, logit_scale: float = 300.0) -> nn.Module:
     """Edit random weights in place so grid prompts give varied, coherent masks (random init gives near-zero,
     fragmented logits): nearly tie each 2x2 kernel of the two upscaling transposed convolutions (blob-shaped masks),
-    shrink the second one so its GELU stays near-linear (no all-positive features), and scale the hypernetwork outputs."""
+    shrink the second one so its GELU stays near-linear (no all-positive features), and scale the hypernetwork
+    outputs."""
     decoder = sam.mask_decoder
     with torch.no_grad():
         for index in (0, 3):  # output_upscaling: ConvTranspose2d, LayerNorm2d, GELU, ConvTranspose2d, GELU

@@ -38,7 +38,9 @@ Deviations from the original:
   runs only for the IoU and selected mask tokens (the prompt tokens' outputs are never read; attention rows are
   independent, so the rows kept are unchanged).
 - In inference (autograd off) prompts decode in chunks of ``DECODE_CHUNK_BYTES`` of image states, each prompt's
-  arithmetic unchanged (cache-sized working sets on the CPU).
+  arithmetic unchanged (cache-sized working sets on the CPU), written into one output; the cached first-layer work
+  is looked up once per call. On the CPU inference fast path the folded cross-attentions' and the hypernetwork's
+  products against the h*w image states are oneDNN GEMMs (``modeling_hf_vl_sam_two_way._products``).
 - Point labels 2 / 3 (a box's corners given as points, as in segment-anything's ONNX model) add the top-left /
   bottom-right embeddings.
 """
