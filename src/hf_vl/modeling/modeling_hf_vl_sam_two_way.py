@@ -33,23 +33,18 @@ def _folds(attention: HfVlAttention, queries: int) -> bool:
     return small and not attention.training and not torch.is_grad_enabled()
 
 
-def _products(left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``left @ right^T (+ bias)`` per group: left (groups or 1, m, k), right (groups, n, k), bias (groups, n) or None
-    -> (groups, m, n). ``right`` may be a transposed view.
+def _products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ right^T`` per group: left (groups or 1, m, k), right (groups, n, k) -> (groups, m, n). ``right`` may be
+    a transposed view.
 
     On the CPU inference fast path each group is one oneDNN GEMM (:func:`.hf_vl_mlp.fused_linear`, ``right`` as its
     weight): on the decoder's skinny shapes (m = heads x tokens ~ 56, n or k = h*w = 4096) about 1.3-1.6x faster
-    than ``bmm`` here, which also copies a transposed operand first. Elsewhere ``bmm`` / ``baddbmm``."""
-    groups = right.shape[0]
-    if not can_fuse_linear(left, right, bias):
-        if bias is None:
-            return torch.matmul(left, right.transpose(1, 2))
-        return torch.baddbmm(bias[:, None, :], left.expand(groups, -1, -1), right.transpose(1, 2))
-    outputs = [
-        fused_linear(left[index if left.shape[0] > 1 else 0], right[index], None if bias is None else bias[index])
-        for index in range(groups)
-    ]  # fmt: skip
-    return outputs[0][None] if groups == 1 else torch.stack(outputs)
+    than ``bmm`` here, which also copies a transposed operand first. Elsewhere ``matmul``."""
+    if not can_fuse_linear(left, right):
+        return torch.matmul(left, right.transpose(1, 2))
+    outputs = [fused_linear(left[index if left.shape[0] > 1 else 0], right[index], None)
+               for index in range(right.shape[0])]  # fmt: skip
+    return outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)
 
 
 def _fast_path(attention: HfVlAttention, *states: torch.Tensor) -> bool:
