@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from common.tiny import TINY_SAM_IMAGE_SIZE, TINY_TRANSFORMER
 
+from hf_vl.modeling import modeling_hf_vl_sam_decoder as decoder_module
 from hf_vl.modeling import modeling_hf_vl_sam_two_way as two_way
 from hf_vl.modeling.configuration_hf_vl_sam import HfVlSamConfig
 from hf_vl.modeling.modeling_hf_vl_sam import HfVlSamModel
@@ -382,3 +383,46 @@ def test_products_equal_bmm(left_groups, groups, transposed_right, monkeypatch):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     out64 = two_way._products(left.detach().double(), right.double())
     torch.testing.assert_close(out64, expected.double(), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ sub-pixel layout
+def _reference_unshuffle(blocks: torch.Tensor) -> torch.Tensor:
+    """mask[.., 4h + 2 r1 + r2, 4w + 2 c1 + c2] = blocks[.., h, w, r1, c1, r2, c2], element by element."""
+    batch, prompts, masks, height, width = blocks.shape[:5]
+    out = blocks.new_zeros(batch, prompts, masks, 4 * height, 4 * width)
+    for r1, c1, r2, c2 in torch.cartesian_prod(*[torch.arange(2)] * 4).tolist():
+        out[..., 2 * r1 + r2 :: 4, 2 * c1 + c2 :: 4] = blocks[..., r1, c1, r2, c2]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("into", ["new", "slice", "odd"])
+def test_unshuffle_masks_lays_out_the_sub_pixels(dtype, into, monkeypatch):
+    blocks = torch.randn(2, 3, 2, 5, 6, 2, 2, 2, 2, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = _reference_unshuffle(blocks)
+    out = None
+    if into == "slice":  # a chunk of a larger output, as the chunked decode writes it
+        out = torch.full((2, 7, 2, 20, 24), -1.0, dtype=dtype)[:, 2:5]
+    elif into == "odd":  # an odd storage offset: no pair view possible, the elementwise copy
+        out = torch.empty(2 * 3 * 2 * 20 * 24 + 1, dtype=dtype)[1:].view(2, 3, 2, 20, 24)
+    verdicts = []
+    movable = decoder_module._pairs_movable
+    monkeypatch.setattr(decoder_module, "_pairs_movable", lambda *t: verdicts.append(movable(*t)) or verdicts[-1])
+    result = decoder_module._unshuffle_masks(blocks, out)
+    assert torch.equal(result, expected)
+    if out is not None:
+        assert result is out
+    if into == "slice":  # nothing outside the slice written
+        assert (out._base[:, :2] == -1).all() and (out._base[:, 5:] == -1).all()
+    paired = dtype != torch.float64 and into != "odd"  # 8-byte elements have no 16-byte integer to pair them
+    assert all(verdicts) == paired
+
+
+def test_unshuffle_masks_under_autograd_is_differentiable():
+    blocks = torch.randn(1, 2, 3, 4, 4, 2, 2, 2, 2, requires_grad=True)
+    weight = torch.randn(1, 2, 3, 16, 16)
+    with torch.enable_grad():
+        masks = decoder_module._unshuffle_masks(blocks)
+        (masks * weight).sum().backward()
+    assert torch.equal(masks.detach(), _reference_unshuffle(blocks.detach()))
+    assert torch.equal(_reference_unshuffle(blocks.grad), weight)  # each element's gradient: its pixel's weight

@@ -215,16 +215,44 @@ def _one_dense(dense_embeddings: torch.Tensor) -> bool:
     return dense_embeddings.stride(0) == 0 or dense_embeddings.shape[0] == 1
 
 
+# a sub-pixel pair (two neighbouring mask columns) of these element sizes moved as one integer of twice the width
+_PAIR_DTYPES = {2: torch.int32, 4: torch.int64}
+
+
+def _pairs_movable(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`_unshuffle_masks` may move column pairs as single integers (``Tensor.view(dtype)``): eager,
+    no autograd through them, unit last stride and even offsets / other strides (what such a view requires)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return False
+    for tensor in tensors:
+        if tensor.element_size() not in _PAIR_DTYPES or (tensor.requires_grad and torch.is_grad_enabled()):
+            return False
+        if tensor.stride(-1) != 1 or tensor.storage_offset() % 2 or any(s % 2 for s in tensor.stride()[:-1]):
+            return False
+    return True
+
+
 def _unshuffle_masks(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sub-pixel blocks (batch, P, masks, h, w, 2, 2, 2, 2) (each embedding cell's 4x4 pixels: row 1, column 1, row 2,
     column 2, as :meth:`HfVlSamMaskDecoder.upscale` orders them) -> masks (batch, P, masks, 4h, 4w), written into
-    ``out`` (any strides) when given."""
+    ``out`` (any strides) when given.
+
+    Row 2 sits between column 1 and column 2 in the blocks, so no run longer than a column-2 pair is contiguous in
+    both layouts; an elementwise permute copies such 2-element runs ~10x slower than a loop over the pairs viewed as
+    one integer each (0.91 against 0.07 ms per fp32 prompt, 64x64 grid, 3 masks), which this takes where it can."""
     batch, point_batch, masks, height, width = blocks.shape[:5]
+    shape = (batch, point_batch, masks, height, 2, 2, width, 2, 2)  # rows (h, r1, r2), columns (w, c1, c2)
+    if _pairs_movable(blocks) and (out is None or (out.dtype == blocks.dtype and _pairs_movable(out))):
+        out = blocks.new_empty(batch, point_batch, masks, 4 * height, 4 * width) if out is None else out
+        pairs = _PAIR_DTYPES[blocks.element_size()]
+        # (.., h, w, r1, c1, r2, c2) -> (.., h, w, r1, c1, r2, 1) integers -> (.., h, r1, r2, w, c1, 1)
+        out.view(shape).view(pairs).copy_(blocks.view(pairs).permute(0, 1, 2, 3, 5, 7, 4, 6, 8))
+        return out
     # (batch, P, masks, h, w, 2, 2, 2, 2) -> (batch, P, masks, h, 2, 2, w, 2, 2)
     blocks = blocks.permute(0, 1, 2, 3, 5, 7, 4, 6, 8)
     if out is None:
         return blocks.reshape(batch, point_batch, masks, 4 * height, 4 * width)
-    out.view(batch, point_batch, masks, height, 2, 2, width, 2, 2).copy_(blocks)
+    out.view(shape).copy_(blocks)
     return out
 
 
