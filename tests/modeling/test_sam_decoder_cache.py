@@ -426,3 +426,19 @@ def test_unshuffle_masks_under_autograd_is_differentiable():
         (masks * weight).sum().backward()
     assert torch.equal(masks.detach(), _reference_unshuffle(blocks.detach()))
     assert torch.equal(_reference_unshuffle(blocks.grad), weight)  # each element's gradient: its pixel's weight
+
+
+# ------------------------------------------------------------------------------------ reduced-precision softmax
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape, dim", [((2, 56, 4096), -1), ((1, 8, 4, 7, 4096), -2), ((1, 8, 2, 7, 15), -2)])
+def test_softmax_is_computed_in_fp32(dtype, shape, dim):
+    """The decoder's softmax keeps fp32 accuracy for bf16/fp16 logits: as close to the float64 softmax as the
+    explicit fp32 softmax rounded to the dtype (within one unit in the last place of 1)."""
+    logits = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 8).to(dtype)
+    probs = two_way._softmax(logits, dim)
+    assert probs.dtype == dtype
+    exact = logits.double().softmax(dim)
+    rounded = logits.float().softmax(dim).to(dtype)
+    ulp = torch.finfo(dtype).eps
+    assert (probs.double() - exact).abs().max() <= (rounded.double() - exact).abs().max() + ulp / 2
+    torch.testing.assert_close(probs, rounded, atol=ulp, rtol=0)
