@@ -442,3 +442,56 @@ def test_softmax_is_computed_in_fp32(dtype, shape, dim):
     ulp = torch.finfo(dtype).eps
     assert (probs.double() - exact).abs().max() <= (rounded.double() - exact).abs().max() + ulp / 2
     torch.testing.assert_close(probs, rounded, atol=ulp, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ predicted-IoU gate
+def count_upscaled_rows(model, monkeypatch) -> list:
+    """Rows (prompts) each upscaling call gets, as a list that grows."""
+    rows, decoder = [], model.mask_decoder
+    original = decoder.upscale
+    monkeypatch.setattr(decoder, "upscale", lambda states: rows.append(states.shape[0]) or original(states))
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("chunk_prompts", [None, 3])
+def test_iou_gate_skips_only_the_prompts_that_fail(model, monkeypatch, dtype, multimask, chunk_prompts):
+    model = model.to(dtype)
+    embeddings, inputs = random_embeddings(2).to(dtype), dict(prompts(2, 8), multimask_output=multimask)
+    if chunk_prompts is not None:  # chunks of 3 prompts (8 per image: the last chunk is short)
+        monkeypatch.setattr(decoder_module, "DECODE_CHUNK_BYTES", 3 * 2 * DIM * GRID * GRID * embeddings.element_size())
+    plain = decode(model, embeddings, **inputs)
+    best = plain.iou_scores.float().amax(-1)  # (batch, P): a prompt is kept while one of its masks passes
+    threshold = float(best.flatten().median())  # about half of the 16 prompts at or below it: they are skipped
+    upscaled = count_upscaled_rows(model, monkeypatch)
+    gated = decode(model, embeddings, **inputs, mask_iou_threshold=threshold)
+    kept = best > threshold
+    assert sum(upscaled) == int(kept.sum()) and 0 < int(kept.sum()) < 16
+    assert torch.equal(gated.iou_scores, plain.iou_scores)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(gated.pred_masks[kept], plain.pred_masks[kept], **tolerance)
+    assert (gated.pred_masks[~kept] == torch.finfo(dtype).min).all()
+
+
+def test_iou_gate_extremes(model, monkeypatch):
+    embeddings, inputs = random_embeddings(1), prompts(1, 5)
+    plain = decode(model, embeddings, **inputs)
+    upscaled = count_upscaled_rows(model, monkeypatch)
+    below = decode(model, embeddings, **inputs, mask_iou_threshold=float(plain.iou_scores.min()) - 1.0)
+    assert torch.equal(below.pred_masks, plain.pred_masks) and upscaled == [5]  # all pass: the ungated path
+    above = decode(model, embeddings, **inputs, mask_iou_threshold=float(plain.iou_scores.max()))
+    assert upscaled == [5] and (above.pred_masks == torch.finfo(torch.float32).min).all()  # none: nothing upscaled
+    assert torch.equal(above.iou_scores, plain.iou_scores)
+
+
+def test_iou_gate_bad_input(model):
+    embeddings, inputs = random_embeddings(1), prompts(1, 2)
+    for bad in ("0.5", True, torch.tensor(0.5)):
+        with pytest.raises(TypeError, match="mask_iou_threshold must be a real number"):
+            decode(model, embeddings, **inputs, mask_iou_threshold=bad)
+    with pytest.raises(ValueError, match="mask_iou_threshold .* inference option"):
+        model(image_embeddings=embeddings, **inputs, mask_iou_threshold=0.5)  # autograd on
+    model.train()
+    with torch.no_grad(), pytest.raises(ValueError, match="inference option"):
+        model(image_embeddings=embeddings, **inputs, mask_iou_threshold=0.5)

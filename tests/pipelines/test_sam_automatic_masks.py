@@ -235,6 +235,27 @@ def test_points_per_batch_does_not_change_results(models, photo):
     assert_records_match(small.generate(photo), large.generate(photo), mask_iou=0.999, score_tol=1e-5)
 
 
+def test_iou_gate_skips_upscaling_and_keeps_the_records(models, photo, monkeypatch):
+    """hf_vl's model skips the upscaling of prompts whose IoU predictions all fail pred_iou_thresh: same records."""
+    filters = dict(FILTERS, pred_iou_thresh=0.025)  # every prompt has a mask above FILTERS' 0.01; some fail this
+    gated = HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, **filters)
+    plain = HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, **filters)
+    plain._iou_gate = False
+    assert gated._iou_gate
+    decoder = models["ours"].mask_decoder
+    rows, original = [], decoder.upscale
+    monkeypatch.setattr(decoder, "upscale", lambda states: rows.append(states.shape[0]) or original(states))
+    expected = plain.generate(photo)
+    assert sum(rows) == 64
+    rows.clear()
+    records = gated.generate(photo)
+    assert 0 < sum(rows) < 64  # some of the 64 prompts upscaled, not all
+    assert expected and len(records) == len(expected)
+    assert_records_match(expected, records, mask_iou=0.999, score_tol=1e-6)
+    assert not HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, pred_iou_thresh=0.0)._iou_gate
+    assert not HfVlSamAutomaticMaskGenerator(models["same"], points_per_side=8, **FILTERS)._iou_gate  # no such arg
+
+
 def test_nothing_survives_gives_empty_list(models, photo):
     generator = HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=4, pred_iou_thresh=0.99)
     assert generator.generate(photo) == []

@@ -157,6 +157,7 @@ class HfVlSamModel(HfVlSamPreTrainedModel):
         input_masks: torch.Tensor | None = None,
         image_embeddings: torch.Tensor | None = None,
         multimask_output: bool = True,
+        mask_iou_threshold: float | None = None,
         **kwargs,
     ) -> HfVlSamOutput:
         r"""Exactly one of ``pixel_values`` / ``image_embeddings``; prompts in the padded input frame (pixels):
@@ -168,6 +169,9 @@ class HfVlSamModel(HfVlSamPreTrainedModel):
             4 * grid) low-resolution mask logits (a previous ``pred_masks``).
         image_embeddings: (batch, output_channels, grid, grid) from :meth:`get_image_embeddings`.
         multimask_output: 3 masks per prompt (True) or the single-mask output (False).
+        mask_iou_threshold: inference only (eval mode, autograd off): prompts none of whose returned masks has an
+            ``iou_scores`` above it skip the upscaling and mask product; their ``pred_masks`` are filled with the
+            dtype's lowest value (empty). What the automatic mask generator's ``pred_iou_thresh`` drops anyway.
         """
         if (pixel_values is None) == (image_embeddings is None):
             raise ValueError("pass exactly one of pixel_values and image_embeddings")
@@ -191,9 +195,8 @@ class HfVlSamModel(HfVlSamPreTrainedModel):
         sparse, dense = self.prompt_encoder(
             input_points, input_labels, input_boxes, input_masks, batch_size=batch, point_batch_size=point_batch
         )
-        pred_masks, iou_scores = self.mask_decoder(
-            image_embeddings, self.get_image_positional_embeddings(), sparse, dense, multimask_output
-        )
+        pred_masks, iou_scores = self.mask_decoder(image_embeddings, self.get_image_positional_embeddings(), sparse,
+                                                   dense, multimask_output, mask_iou_threshold)  # fmt: skip
         return HfVlSamOutput(iou_scores=iou_scores, pred_masks=pred_masks, image_embeddings=image_embeddings)
 
 

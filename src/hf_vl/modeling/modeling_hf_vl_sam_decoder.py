@@ -47,6 +47,8 @@ Deviations from the original:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -256,6 +258,17 @@ def _unshuffle_masks(blocks: torch.Tensor, out: torch.Tensor | None = None) -> t
     return out
 
 
+def _check_iou_threshold(threshold, training: bool) -> None:
+    """``mask_iou_threshold`` is None or a real number, and used only outside training and autograd."""
+    if threshold is None:
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"mask_iou_threshold must be a real number or None, got {type(threshold).__name__}")
+    if training or torch.is_grad_enabled():
+        raise ValueError("mask_iou_threshold leaves some masks uncomputed, an inference option: use it in eval mode "
+                         "under torch.no_grad() or torch.inference_mode()")
+
+
 class HfVlSamMaskDecoder(HfVlFastLinearModule):
     """Output tokens + prompt tokens through the two-way transformer; masks from the upscaled image states dotted
     with per-token hypernetwork outputs; IoU from the IoU token.
@@ -375,6 +388,7 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         sparse_embeddings: torch.Tensor,
         dense_embeddings: torch.Tensor,
         mask_tokens: slice = slice(None),
+        mask_iou_threshold: float | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mask tokens' outputs (all by default, the single-mask one first): masks (batch, P, M, 4h, 4w), IoU
@@ -384,7 +398,13 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
 
         In inference (autograd off) the prompts decode a few at a time (``DECODE_CHUNK_BYTES``): each prompt has
         its own (h*w, hidden) image states, and on the CPU a few of them fit in cache while many make every
-        intermediate a fresh multi-MB allocation (page faults); each prompt's arithmetic is unchanged."""
+        intermediate a fresh multi-MB allocation (page faults); each prompt's arithmetic is unchanged.
+
+        ``mask_iou_threshold`` (inference only): prompts none of whose selected outputs has a predicted IoU above it
+        skip the upscaling and the mask product, the costliest steps after the transformer; their masks are filled
+        with the dtype's lowest value (empty at any threshold). The automatic mask generator passes its
+        ``pred_iou_thresh``, whose filter drops those masks anyway."""
+        _check_iou_threshold(mask_iou_threshold, self.training)
         batch, point_batch = sparse_embeddings.shape[:2]
         per_prompt = batch * image_embeddings[0].numel() * image_embeddings.element_size()
         chunk = max(1, DECODE_CHUNK_BYTES // per_prompt)
@@ -396,7 +416,7 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         per_row_dense = dense_embeddings.shape[0] == batch * point_batch  # else one per image: not split by prompt
         if torch.compiler.is_compiling() or point_batch <= chunk or not per_row_dense:
             return self._predict_masks(image_embeddings, image_pe, sparse_embeddings, dense_embeddings, mask_tokens,
-                                       **kwargs)  # fmt: skip
+                                       mask_iou_threshold=mask_iou_threshold, **kwargs)  # fmt: skip
         # dense (batch * P, hidden, h, w) -> (batch, P, hidden, h, w): a view, expanded (no mask prompt) or not
         dense = dense_embeddings.view(batch, point_batch, *dense_embeddings.shape[1:])
         # the cached first-layer work (no mask prompt) is looked up once for all chunks, not once per chunk
@@ -405,7 +425,8 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         for start in range(0, point_batch, chunk):
             part = self._predict_masks(image_embeddings, image_pe, sparse_embeddings[:, start : start + chunk],
                                        dense[:, start : start + chunk].flatten(0, 1), mask_tokens, shared=shared,
-                                       unshuffled=True, **kwargs)  # fmt: skip
+                                       unshuffled=True, mask_iou_threshold=mask_iou_threshold,
+                                       **kwargs)  # fmt: skip
             if masks is None:  # (batch, P, M, 4h, 4w): each chunk's masks are written in place, no concatenation
                 size = part[0].shape
                 masks = part[0].new_empty(batch, point_batch, size[2], 4 * size[3], 4 * size[4])
@@ -426,10 +447,11 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         return None if projections is None else (image_embeddings, projections)
 
     def _predict_masks(self, image_embeddings, image_pe, sparse_embeddings, dense_embeddings, mask_tokens,
-                       shared: tuple | None = None, unshuffled: bool = False, **kwargs):  # fmt: skip
+                       shared: tuple | None = None, unshuffled: bool = False,
+                       mask_iou_threshold: float | None = None, **kwargs):  # fmt: skip
         """:meth:`predict_masks` for all prompts at once. ``shared``: :meth:`_shared_image_side` for these inputs,
         already looked up; ``unshuffled``: masks as (rows, masks, h, w, 2, 2, 2, 2) sub-pixel blocks
-        (:func:`_unshuffle_masks` lays them out)."""
+        (:func:`_unshuffle_masks` lays them out); ``mask_iou_threshold``: see :meth:`predict_masks`."""
         batch, point_batch = sparse_embeddings.shape[:2]
         rows = batch * point_batch
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])  # (1 + masks, hidden)
@@ -453,18 +475,32 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         # the final attention runs for the IoU token and the selected mask tokens only (prompt tokens are not read)
         tokens_out, image_states = self.transformer(image, image_pe[None], tokens, projections,
                                                     output_tokens=[0, *(1 + index for index in indices)], **kwargs)
-        upscaled = self.upscale(image_states)  # (rows, h*w, 16, hidden/8)
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[index](tokens_out[:, 1 + position])
              for position, index in enumerate(indices)], dim=1
         )  # (rows, masks, hidden/8), tokens_out: (rows, 1 + masks, hidden)
-        # (rows, masks, hidden/8) @ (rows, hidden/8, h*w*16) -> (batch, P, masks, h, w, 2, 2, 2, 2) (sub-pixels: row
-        # 1, column 1, row 2, column 2), laid out as (batch, P, masks, 4h, 4w) by _unshuffle_masks
-        masks = _products(hyper_in, upscaled.flatten(1, 2)).view(batch, point_batch, -1, height, width, 2, 2, 2, 2)
         iou_pred = self.iou_prediction_head(tokens_out[:, 0])[:, mask_tokens].reshape(batch, point_batch, -1)
+        # (rows, masks, h*w*16) -> (batch, P, masks, h, w, 2, 2, 2, 2) (sub-pixels: row 1, column 1, row 2, column 2),
+        # laid out as (batch, P, masks, 4h, 4w) by _unshuffle_masks
+        masks = self._mask_logits(image_states, hyper_in, iou_pred.flatten(0, 1), mask_iou_threshold)
+        masks = masks.view(batch, point_batch, -1, height, width, 2, 2, 2, 2)
         if unshuffled:
             return masks, iou_pred
         return _unshuffle_masks(masks), iou_pred
+
+    def _mask_logits(self, image_states, hyper_in, iou, threshold: float | None) -> torch.Tensor:
+        """Mask logits (rows, masks, h*w*16) in sub-pixel order: the upscaled image states (rows, h*w, hidden) times
+        the hypernetwork outputs (rows, masks, hidden/8). With a ``threshold``, only for the rows with an IoU (rows,
+        masks) above it (compared in fp32 or wider, as the generator's filter compares); the others' are the lowest
+        value."""
+        keep = None if threshold is None else iou.to(torch.promote_types(iou.dtype, torch.float32)) > threshold
+        if keep is None or bool(keep.all()):
+            return _products(hyper_in, self.upscale(image_states).flatten(1, 2))
+        rows = keep.any(-1).nonzero().flatten()
+        out = hyper_in.new_full((*hyper_in.shape[:2], image_states.shape[1] * 16), torch.finfo(hyper_in.dtype).min)
+        if rows.numel():
+            out[rows] = _products(hyper_in[rows], self.upscale(image_states[rows]).flatten(1, 2))
+        return out
 
     def forward(
         self,
@@ -473,13 +509,16 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         sparse_embeddings: torch.Tensor,
         dense_embeddings: torch.Tensor,
         multimask_output: bool,
+        mask_iou_threshold: float | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embeddings (batch, hidden, h, w); image_pe (hidden, h, w); sparse (batch, P, tokens, hidden);
         dense (batch * P, hidden, h, w). Returns masks (batch, P, M, 4h, 4w) and IoU (batch, P, M): the three
-        multimask outputs (``multimask_output``) or the single-mask one."""
+        multimask outputs (``multimask_output``) or the single-mask one. ``mask_iou_threshold``: see
+        :meth:`predict_masks`."""
         selected = slice(1, None) if multimask_output else slice(0, 1)
-        return self.predict_masks(image_embeddings, image_pe, sparse_embeddings, dense_embeddings, selected, **kwargs)
+        return self.predict_masks(image_embeddings, image_pe, sparse_embeddings, dense_embeddings, selected,
+                                  mask_iou_threshold=mask_iou_threshold, **kwargs)  # fmt: skip
 
 
 __all__ = [

@@ -18,6 +18,7 @@ Where the time goes and what is done about it:
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,7 @@ class HfVlSamAutomaticMaskGenerator:
         self.image_size = int(model.config.vision_config.image_size)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
+        self._iou_gate = pred_iou_thresh > 0.0 and "mask_iou_threshold" in inspect.signature(model.forward).parameters
         self.stability_score_thresh = stability_score_thresh
         self.stability_score_offset = stability_score_offset
         self.box_nms_thresh = box_nms_thresh
@@ -256,8 +258,10 @@ class HfVlSamAutomaticMaskGenerator:
         labels = torch.ones(1, n, 1, dtype=torch.int64, device=embedding.device)
         # (P, 2) -> (1, P, 1, 2): one image, P prompts of one point each
         prompts = points.to(embedding.device).view(1, n, 1, 2)
+        # prompts whose three IoU predictions all fail pred_iou_thresh: hf_vl's model skips their masks' upscaling
+        gate = {"mask_iou_threshold": float(self.pred_iou_thresh)} if self._iou_gate else {}
         out = self.model(image_embeddings=embedding[None], input_points=prompts, input_labels=labels,
-                         multimask_output=True)
+                         multimask_output=True, **gate)
         return out.iou_scores[0].flatten().float(), out.pred_masks[0].flatten(0, 1)
 
     def _filter_batch(self, iou, low, points, matrices, crop_box, orig_box):
