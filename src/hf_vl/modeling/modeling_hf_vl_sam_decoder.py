@@ -41,6 +41,12 @@ Deviations from the original:
   arithmetic unchanged (cache-sized working sets on the CPU), written into one output; the cached first-layer work
   is looked up once per call. On the CPU inference fast path the folded cross-attentions' and the hypernetwork's
   products against the h*w image states are oneDNN GEMMs (``modeling_hf_vl_sam_two_way._products``).
+- The masks' 4x4 sub-pixel blocks are laid out by a copy that moves pairs of neighbouring pixels as one integer
+  (``_unshuffle_masks``); bf16/fp16 softmaxes on the CPU run on the logits as they are (PyTorch computes them in fp32
+  internally, ``modeling_hf_vl_sam_two_way._softmax``) instead of on an fp32 copy.
+- ``mask_iou_threshold`` (inference only; not in the original): prompts none of whose returned masks has a predicted
+  IoU above it skip the upscaling and mask product and get masks of the lowest value; segment-anything's automatic
+  mask generator upscales every candidate and then drops those.
 - Point labels 2 / 3 (a box's corners given as points, as in segment-anything's ONNX model) add the top-left /
   bottom-right embeddings.
 """
