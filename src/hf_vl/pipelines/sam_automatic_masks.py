@@ -281,10 +281,10 @@ class HfVlSamAutomaticMaskGenerator:
             stability = ops.stability_score(logits, self.mask_threshold, self.stability_score_offset)
             good = stability >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else None
             if good is not None:
-                sel, logits, stability = sel[good], logits[good], stability[good]
+                sel, logits, stability = _rows(good, sel, logits, stability)
             boxes = ops.boxes_from_logits(logits, self.mask_threshold)
             inside = ~ops.is_box_near_crop_edge(boxes, crop_box, orig_box)
-            sel, logits, stability, boxes = sel[inside], logits[inside], stability[inside], boxes[inside]
+            sel, logits, stability, boxes = _rows(inside, sel, logits, stability, boxes)
             masks = logits > self.mask_threshold
             packed = np.packbits(masks.reshape(masks.shape[0], crop_h * crop_w).numpy(), axis=1)
             out.append((boxes, iou[sel], stability, points[sel], packed))
@@ -363,6 +363,14 @@ class HfVlSamAutomaticMaskGenerator:
                  point_coords=[points[i]], stability_score=stabilities[i], crop_box=crop_boxes[i])
             for i in range(masks.shape[0])
         ]
+
+
+def _rows(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of each tensor where the boolean ``keep`` is True; the tensors themselves when all are (a boolean
+    index copies: 16 MB per chunk of upsampled logits, mostly for nothing with loose thresholds)."""
+    if bool(keep.all()):
+        return tensors
+    return tuple(tensor[keep] for tensor in tensors)
 
 
 def _select(crop: _CropMasks, keep: torch.Tensor) -> _CropMasks:
