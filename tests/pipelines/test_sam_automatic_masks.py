@@ -12,6 +12,7 @@ stability score within 1e-3, and the other way round, with equal counts.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,28 @@ def test_iou_gate_skips_upscaling_and_keeps_the_records(models, photo, monkeypat
     assert_records_match(expected, records, mask_iou=0.999, score_tol=1e-6)
     assert not HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, pred_iou_thresh=0.0)._iou_gate
     assert not HfVlSamAutomaticMaskGenerator(models["same"], points_per_side=8, **FILTERS)._iou_gate  # no such arg
+
+
+def test_decode_workers_give_the_sequential_records(models, photo, monkeypatch):
+    """Point batches decoded on worker threads (one intra-op thread each): the records of one batch after another."""
+    sequential = HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, points_per_batch=7,
+                                               decode_workers=1, **FILTERS)  # fmt: skip
+    threaded = HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, points_per_batch=7,
+                                             decode_workers=3, **FILTERS)  # fmt: skip
+    expected = sequential.generate(photo)
+    callers, decode = [], HfVlSamAutomaticMaskGenerator._decode
+    monkeypatch.setattr(HfVlSamAutomaticMaskGenerator, "_decode",
+                        lambda self, *a: callers.append(threading.get_ident()) or decode(self, *a))  # fmt: skip
+    threads = torch.get_num_threads()
+    records = threaded.generate(photo)
+    assert len(callers) == 22 and len(set(callers)) > 1  # 64 points, 3 at a time (7 split 3 ways), on 3 threads
+    assert torch.get_num_threads() == threads  # the caller's intra-op threads as they were
+    assert expected and len(records) == len(expected)
+    assert_records_match(expected, records, mask_iou=0.999, score_tol=1e-5)
+    assert set(threaded.last_timings) == {"encode", "decode", "filter", "output"}
+    for bad, error in ((0, ValueError), (1.5, TypeError), ("2", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="decode_workers"):
+            HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, decode_workers=bad)
 
 
 def test_nothing_survives_gives_empty_list(models, photo):
