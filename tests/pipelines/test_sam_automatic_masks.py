@@ -20,6 +20,7 @@ import pytest
 import skimage.data
 import torch
 
+from hf_vl.pipelines import sam_automatic_masks as amg
 from hf_vl.pipelines.sam_automatic_masks import HfVlSamAutomaticMaskGenerator
 from hf_vl.processing import sam_mask_ops as ops
 
@@ -277,6 +278,14 @@ def test_decode_workers_give_the_sequential_records(models, photo, monkeypatch):
     for bad, error in ((0, ValueError), (1.5, TypeError), ("2", TypeError), (True, TypeError)):
         with pytest.raises(error, match="decode_workers"):
             HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, decode_workers=bad)
+
+
+def test_default_decode_workers(models, monkeypatch):
+    generator = HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8)
+    for threads, workers in ((1, 1), (2, 2), (8, amg.MAX_DEFAULT_WORKERS)):
+        monkeypatch.setattr(amg.torch, "get_num_threads", lambda: threads)
+        assert generator._workers() == workers
+    assert HfVlSamAutomaticMaskGenerator(models["ours"], points_per_side=8, decode_workers=3)._workers() == 3
 
 
 def test_nothing_survives_gives_empty_list(models, photo):

@@ -66,6 +66,11 @@ class _Timings:
         return now
 
 
+# default decode workers at most: measured on 2 cores only (2 workers of 1 thread); with many cores, more Python
+# threads would contend for the GIL, so larger hosts get a few workers of several intra-op threads each
+MAX_DEFAULT_WORKERS = 4
+
+
 def _to_uint8_rgb(image: Any, index: int) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
@@ -90,12 +95,12 @@ class HfVlSamAutomaticMaskGenerator:
     ``torch.bfloat16``; a converted copy is made, the given model is left as is), ``image_batch_size`` (crops per
     image-encoder call) and ``decode_workers``.
 
-    ``decode_workers``: threads that decode and filter a crop's points side by side, each with one intra-op thread
-    and ``points_per_batch / decode_workers`` points at a time (default: ``torch.get_num_threads()`` for a model on
-    the CPU, else 1; 1: ``points_per_batch`` at a time with all threads). The decoder's many small, memory-bound
-    operations keep two cores busier this way than split across them (vit_b, 2 cores, 32x32 grid, fp32: decode and
-    filters ~19.5 -> ~17.5 s); results equal the sequential ones to rounding. The first batch of a crop runs alone
-    (it fills the model's caches).
+    ``decode_workers``: threads that decode and filter a crop's points side by side, each with an equal share of
+    the intra-op threads (at least one) and ``points_per_batch / decode_workers`` points at a time (default: for a
+    model on the CPU the intra-op thread count, at most ``MAX_DEFAULT_WORKERS``; else 1; 1: ``points_per_batch``
+    at a time with all threads). The decoder's many small, memory-bound operations keep two cores busier this way
+    than split across them (vit_b, 2 cores, 32x32 grid, fp32: decode and filters ~19.5 -> ~17.5 s); results equal
+    the sequential ones to rounding. The first batch of a crop runs alone (it fills the model's caches).
     """
 
     def __init__(
@@ -279,11 +284,11 @@ class HfVlSamAutomaticMaskGenerator:
         if self.decode_workers is not None:
             return self.decode_workers
         on_cpu = next(self.model.parameters()).device.type == "cpu"
-        return torch.get_num_threads() if on_cpu else 1
+        return min(torch.get_num_threads(), MAX_DEFAULT_WORKERS) if on_cpu else 1
 
     def _map_batches(self, fn, batches: list, timings: _Timings) -> list:
         """``fn`` (:meth:`_process_crop`'s ``batch_masks``) over the point batches, results in order: the first here,
-        the rest on :attr:`decode_workers` threads of one intra-op thread each. Stage times: each batch's decode and
+        the rest on :attr:`decode_workers` threads sharing the intra-op threads. Stage times: each batch's decode and
         filter seconds; for the threads' share, the section's wall time split in proportion to their sums."""
         results = [fn(batches[0])]
         workers = min(self._workers(), len(batches) - 1)
@@ -292,7 +297,8 @@ class HfVlSamAutomaticMaskGenerator:
             scale = 1.0
         else:
             threads, start = torch.get_num_threads(), time.perf_counter()
-            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            share = max(1, threads // workers)
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(share,)) as pool:
                 results += list(pool.map(partial(_in_inference_mode, fn), batches[1:]))
             torch.set_num_threads(threads)  # the workers' setting may reach process-wide pools (MKL)
             busy = sum(decode + filtered for _, decode, filtered in results[1:])
