@@ -7,8 +7,11 @@ multimask_output=True)`` returning ``iou_scores`` (B, P, 3) and low-resolution `
 
 Where the time goes and what is done about it:
 - the image encoder runs once per crop, batched over the crops of *all* images given in one call;
-- every grid point of a crop goes through the decoder in batches of ``points_per_batch``;
+- every grid point of a crop goes through the decoder in batches of ``points_per_batch``, split among
+  ``decode_workers`` threads that decode and filter side by side;
 - the predicted-IoU filter runs on the scores *before* any mask is upsampled, and only its survivors are upsampled;
+  hf_vl's model is also given the threshold (``mask_iou_threshold``), so prompts whose masks all fail it skip the
+  decoder's upscaling;
 - SAM's two bilinear resizes (to the padded model input, then to the original image) are composed into one
   matrix per axis, applied as two matmuls, with no padded full-size intermediate;
 - masks that pass the filters are bit-packed until NMS has picked the few to return; RLEs are vectorised;
