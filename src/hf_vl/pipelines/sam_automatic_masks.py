@@ -128,12 +128,8 @@ class HfVlSamAutomaticMaskGenerator:
         image_batch_size: int = 4,
         decode_workers: int | None = None,
     ) -> None:
-        self._validate(points_per_side, point_grids, points_per_batch, crop_n_layers, output_mode, image_batch_size)
-        if decode_workers is not None and (isinstance(decode_workers, bool) or not isinstance(decode_workers,
-                                                                                               numbers.Integral)):
-            raise TypeError(f"decode_workers must be an int or None, got {type(decode_workers).__name__}")
-        if decode_workers is not None and decode_workers < 1:
-            raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
+        self._validate(points_per_side, point_grids, points_per_batch, crop_n_layers, output_mode, image_batch_size,
+                       decode_workers)  # fmt: skip
         if points_per_side is not None:
             grids = ops.build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
         else:
@@ -165,7 +161,8 @@ class HfVlSamAutomaticMaskGenerator:
         self.last_timings: dict[str, float] = {}
 
     @staticmethod
-    def _validate(points_per_side, point_grids, points_per_batch, crop_n_layers, output_mode, image_batch_size):
+    def _validate(points_per_side, point_grids, points_per_batch, crop_n_layers, output_mode, image_batch_size,
+                  decode_workers):  # fmt: skip
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side and point_grids must be given")
         if point_grids is not None and len(point_grids) != crop_n_layers + 1:
@@ -176,6 +173,11 @@ class HfVlSamAutomaticMaskGenerator:
             raise ValueError(
                 f"points_per_batch and image_batch_size must be >= 1, got {points_per_batch}, {image_batch_size}"
             )
+        if decode_workers is not None and (isinstance(decode_workers, bool) or
+                                           not isinstance(decode_workers, numbers.Integral)):  # fmt: skip
+            raise TypeError(f"decode_workers must be an int or None, got {type(decode_workers).__name__}")
+        if decode_workers is not None and decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
 
     # ----------------------------------------------------------------------------------------- public entry point
 
