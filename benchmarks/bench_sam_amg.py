@@ -154,16 +154,22 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def _best_partner(record: dict, candidates: list[dict]) -> tuple[dict | None, float]:
+    """The candidate whose mask overlaps ``record``'s most, and that IoU (None, -1.0 without candidates)."""
+    best, best_iou = None, -1.0
+    for candidate in candidates:
+        iou = _mask_iou(record["segmentation"], candidate["segmentation"])
+        if iou > best_iou:
+            best, best_iou = candidate, iou
+    return best, best_iou
+
+
 def match_stats(reference: list[dict], other: list[dict], mask_iou: float = 0.99, tol: float = 1e-3) -> dict:
     """Counts, and the share of reference records with a partner in ``other`` (best mask IoU >= ``mask_iou``,
     predicted IoU within ``tol`` and, when both have it, stability within ``tol``), and the worst best-IoU."""
     matched, worst = 0, 1.0
     for record in reference:
-        best, best_iou = None, -1.0
-        for candidate in other:
-            iou = _mask_iou(record["segmentation"], candidate["segmentation"])
-            if iou > best_iou:
-                best, best_iou = candidate, iou
+        best, best_iou = _best_partner(record, other)
         worst = min(worst, best_iou)
         if best is None or best_iou < mask_iou or abs(best["predicted_iou"] - record["predicted_iou"]) > tol:
             continue
@@ -182,16 +188,14 @@ def candidate_parity(reference: list[dict], other: list[dict]) -> dict:
         by_point.setdefault(tuple(np.round(record["point_coords"][0], 3)), []).append(record)
     worst, iou_diff, stability_diff, matched = 1.0, 0.0, 0.0, 0
     for record in reference:
-        candidates = by_point.get(tuple(np.round(record["point_coords"][0], 3)), [])
-        ious = [_mask_iou(record["segmentation"], candidate["segmentation"]) for candidate in candidates]
-        if not ious:
+        best, best_iou = _best_partner(record, by_point.get(tuple(np.round(record["point_coords"][0], 3)), []))
+        if best is None:
             worst = 0.0
             continue
-        best = candidates[int(np.argmax(ious))]
         d_iou = abs(best["predicted_iou"] - record["predicted_iou"])
         d_stability = abs(best["stability_score"] - record["stability_score"])
-        worst, iou_diff, stability_diff = min(worst, max(ious)), max(iou_diff, d_iou), max(stability_diff, d_stability)
-        matched += max(ious) >= 0.99 and d_iou <= 1e-3 and d_stability <= 1e-3
+        worst, iou_diff, stability_diff = min(worst, best_iou), max(iou_diff, d_iou), max(stability_diff, d_stability)
+        matched += best_iou >= 0.99 and d_iou <= 1e-3 and d_stability <= 1e-3
     return dict(n_ref=len(reference), n=len(other), matched=matched / max(len(reference), 1), worst_iou=worst,
                 max_iou_diff=iou_diff, max_stability_diff=stability_diff)
 
