@@ -39,8 +39,9 @@ Deviations from the original:
   independent, so the rows kept are unchanged).
 - In inference (autograd off) prompts decode in chunks of ``DECODE_CHUNK_BYTES`` of image states, each prompt's
   arithmetic unchanged (cache-sized working sets on the CPU), written into one output; the cached first-layer work
-  is looked up once per call. On the CPU inference fast path the folded cross-attentions' and the hypernetwork's
-  products against the h*w image states are oneDNN GEMMs (``modeling_hf_vl_sam_two_way._products``).
+  is looked up once per call. On the CPU inference fast path the folded cross-attentions' products against the h*w
+  image states are oneDNN GEMMs (``modeling_hf_vl_sam_two_way._products``); the hypernetwork's product is a ``bmm``
+  (``_mask_product``).
 - The masks' 4x4 sub-pixel blocks are laid out by a copy that moves pairs of neighbouring pixels as one integer
   (``_unshuffle_masks``); bf16/fp16 softmaxes on the CPU run on the logits as they are (PyTorch computes them in fp32
   internally, ``modeling_hf_vl_sam_two_way._softmax``) instead of on an fp32 copy.
@@ -63,7 +64,7 @@ from transformers.activations import ACT2FN
 from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig, HfVlSamPromptEncoderConfig, HfVlSamVisionConfig
 from .hf_vl_embeddings import HfVlRandomFourierPositionEmbedding
 from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlpStack, can_fuse_linear, fused_linear
-from .modeling_hf_vl_sam_two_way import HfVlSamTwoWayLayer, HfVlSamTwoWayTransformer, _ImageProjections, _products
+from .modeling_hf_vl_sam_two_way import HfVlSamTwoWayLayer, HfVlSamTwoWayTransformer, _ImageProjections
 from .modeling_hf_vl_sam_vision import HfVlSamLayerNorm2d
 
 PAD_LABEL = -10  # transformers SamProcessor's padding label: the point contributes nothing
@@ -262,6 +263,14 @@ def _unshuffle_masks(blocks: torch.Tensor, out: torch.Tensor | None = None) -> t
         return blocks.reshape(batch, point_batch, masks, 4 * height, 4 * width)
     out.view(shape).copy_(blocks)
     return out
+
+
+def _mask_product(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+    """hyper_in (rows, masks, c) x upscaled (rows, pixels, c) -> (rows, masks, pixels). ``bmm`` reads the transposed
+    operand as it is; here (3 masks, 32 channels, 65536 pixels) it beats a oneDNN GEMM taking the pixels as its weight
+    (:func:`.modeling_hf_vl_sam_two_way._products`), which reorders that 8 MB operand first: 0.46 -> 0.30 ms per fp32
+    prompt, 0.19 -> 0.14 ms bf16 (2 threads)."""
+    return torch.bmm(hyper_in, upscaled.transpose(1, 2))
 
 
 def _check_iou_threshold(threshold, training: bool) -> None:
@@ -501,11 +510,11 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         value."""
         keep = None if threshold is None else iou.to(torch.promote_types(iou.dtype, torch.float32)) > threshold
         if keep is None or bool(keep.all()):
-            return _products(hyper_in, self.upscale(image_states).flatten(1, 2))
+            return _mask_product(hyper_in, self.upscale(image_states).flatten(1, 2))
         rows = keep.any(-1).nonzero().flatten()
         out = hyper_in.new_full((*hyper_in.shape[:2], image_states.shape[1] * 16), torch.finfo(hyper_in.dtype).min)
         if rows.numel():
-            out[rows] = _products(hyper_in[rows], self.upscale(image_states[rows]).flatten(1, 2))
+            out[rows] = _mask_product(hyper_in[rows], self.upscale(image_states[rows]).flatten(1, 2))
         return out
 
     def forward(
