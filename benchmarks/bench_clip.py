@@ -46,7 +46,7 @@ from hf_vl.processing.tokenization_hf_vl_clip import load_clip_tokenizer
 
 # shared benchmark helpers live next to this script; importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_timing import interleaved_times, parse_dtype_batch_cases  # noqa: E402
+from bench_timing import host_line, interleaved_times, parse_dtype_batch_cases  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = (("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8))
@@ -253,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pairs = args.pairs if args.pairs is not None else (7 if args.quick else 15)
     print(f"CLIP image+text forward, torch {torch.__version__}, {torch.get_num_threads()} threads, {pairs} rounds, "
           f"texts padded to the {args.padding}")
+    print(host_line())
     print(format_rows(run(variants, args.cases, pairs, padding=args.padding)))
 
 

@@ -41,7 +41,7 @@ from hf_vl.modeling.modeling_hf_vl_detr import HfVlDetrForObjectDetection
 
 # shared benchmark helpers live next to this script; importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_timing import interleaved_times, parse_dtype_batch_cases  # noqa: E402
+from bench_timing import host_line, interleaved_times, parse_dtype_batch_cases  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = (("fp32", 1), ("bf16", 1))
@@ -206,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pairs = args.pairs if args.pairs is not None else (5 if args.quick else 9)
     height, width = args.size
     print(f"DETR-R50 {height}x{width}, torch {torch.__version__}, {torch.get_num_threads()} threads, {pairs} rounds")
+    print(host_line())
     print(format_rows(run(cases=args.cases, size=args.size, pairs=pairs)))
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 # the reference models live next to this script (shared with bench_sam_amg.py); importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_timing import interleaved_times  # noqa: E402
+from bench_timing import host_line, interleaved_times  # noqa: E402
 from sam_references import (  # noqa: E402
     SAM_MEAN, SAM_STD, TINY, VIT_B, build_hf_vl_sam, build_segment_anything, build_transformers_sam,
 )  # fmt: skip
@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rounds, encoder_rounds = (2, 2) if args.quick else (args.rounds, args.encoder_rounds)
     print(f"SAM {'tiny' if args.quick else 'ViT-B'} {config['image_size']}x{config['image_size']}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, rounds: encoder {encoder_rounds}, decoder {rounds}")
+    print(host_line())
     rows = run(config, cases=args.cases, rounds=rounds, encoder_rounds=encoder_rounds, warmup=args.warmup)
     print(format_rows(rows))
 

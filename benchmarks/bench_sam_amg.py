@@ -36,6 +36,7 @@ from torch import nn
 
 # the reference models live next to this script (shared with bench_sam.py); importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import host_line  # noqa: E402
 from sam_references import (  # noqa: E402
     TINY,
     VIT_B,
@@ -300,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     grid = args.grid or (8 if args.quick else 32)
     print(f"SAM automatic masks, {'tiny' if args.quick else 'vit_b'} random weights, {grid}x{grid} grid, "
           f"image {image.shape}, thresholds {BENCH_AMG}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(host_line())
     result = run(config, grid=grid, image=image, rounds=args.rounds, with_pipeline=not args.no_pipeline,
                  with_bf16=not args.no_bf16, warmup=args.warmup if args.warmup is not None else int(args.quick),
                  parity_grid=args.parity_grid if args.parity_grid is not None else (grid if args.quick else 16))

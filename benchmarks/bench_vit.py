@@ -34,7 +34,7 @@ from hf_vl.modeling.modeling_hf_vl_vit import HfVlVitForImageClassification
 
 # shared benchmark helpers live next to this script; importable however it is loaded
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_timing import interleaved_times, parse_dtype_batch_cases  # noqa: E402
+from bench_timing import host_line, interleaved_times, parse_dtype_batch_cases  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = (("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8))
@@ -268,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pairs = args.pairs if args.pairs is not None else (7 if args.quick else 15)
     print(f"ViT-B/16 224x224, torch {torch.__version__}, {torch.get_num_threads()} threads, {pairs} rounds per case")
+    print(host_line())
     rows = run(cases=args.cases, pairs=pairs, with_timm=not args.no_timm)
     print(format_rows(rows))
 
