@@ -5,20 +5,13 @@ No timing is asserted; the three implementations' embedding agreement is.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_clip.py"
+from common.testing_utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_clip", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_clip")
 
 
 def test_tiny_run_agrees_with_references(bench):

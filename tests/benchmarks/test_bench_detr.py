@@ -4,21 +4,14 @@ conversion and the agreement of logits and boxes are."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from transformers import ResNetConfig
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_detr.py"
+from common.testing_utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_detr", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_detr")
 
 
 def tiny_config() -> dict:

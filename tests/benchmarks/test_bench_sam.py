@@ -4,21 +4,14 @@ agreement of the three implementations are."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sam.py"
+from common.testing_utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sam", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_sam")
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,15 @@ the agreement with segment-anything's records are."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sam_amg.py"
+from common.testing_utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sam_amg", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_sam_amg")
 
 
 @pytest.mark.slow  # ~20 s: four generators, a transformers pipeline and three model builds

@@ -4,21 +4,15 @@ argument and the host line every benchmark prints (GEMM ceiling, AMX or not). No
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_timing.py"
+from common.testing_utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def timing():
-    spec = importlib.util.spec_from_file_location("bench_timing", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_timing")
 
 
 def test_interleaved_times_warms_up_then_alternates(timing):

@@ -5,13 +5,10 @@ No timing is asserted (the suite runs on shared machines); the weight conversion
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from common.testing_utils import load_benchmark
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vit.py"
 TINY = dict(
     hidden_size=32,
     num_hidden_layers=2,
@@ -25,10 +22,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vit", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_vit")
 
 
 def test_tiny_run_rows_and_agreement(bench):

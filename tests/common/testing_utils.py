@@ -1,10 +1,11 @@
 """Test helpers shared by hf_vl's tests: dotted output-field access, nested tensor comparison, state-dict key
-lint, Auto-class lookup, a counter proving that activation checkpointing recomputed something, and the two-process
-(torchrun) runs of the distributed tests."""
+lint, Auto-class lookup, a counter proving that activation checkpointing recomputed something, the two-process
+(torchrun) runs of the distributed tests, and the loader of the scripts under ``benchmarks/``."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -155,3 +156,15 @@ def assert_same_step(two: dict, one: dict, atol: float = 1e-5) -> None:
     assert two["gradients"].keys() == one["gradients"].keys()
     worst = max(float((two["gradients"][k] - one["gradients"][k]).abs().max()) for k in one["gradients"])
     assert worst < atol, worst
+
+
+BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_benchmark(name: str) -> Any:
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package; each puts its own folder on
+    ``sys.path`` for its siblings, e.g. ``bench_timing``)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -11,7 +11,6 @@ stability score within 1e-3, and the other way round, with equal counts.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 
@@ -19,12 +18,12 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from common.testing_utils import load_benchmark
 
 from hf_vl.pipelines import sam_automatic_masks as amg
 from hf_vl.pipelines.sam_automatic_masks import HfVlSamAutomaticMaskGenerator
 from hf_vl.processing import sam_mask_ops as ops
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sam_amg.py"
 # thresholds for the edited random weights: predicted IoUs lie in about [-0.01, 0.04], stability (offset 0.1) in
 # [0, 0.75]; these keep roughly a third of the candidates
 FILTERS = dict(pred_iou_thresh=0.01, stability_score_thresh=0.3, stability_score_offset=0.1)
@@ -32,10 +31,7 @@ FILTERS = dict(pred_iou_thresh=0.01, stability_score_thresh=0.3, stability_score
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sam_amg", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_sam_amg")
 
 
 @pytest.fixture(scope="module")
