@@ -65,7 +65,9 @@ def host_line(size: int = 2048, flags: set[str] | None = None) -> str:
     figures there. Printing the ceiling with every run says which kind of host a table came from."""
     fp32, bf16 = gemm_tflops(torch.float32, size), gemm_tflops(torch.bfloat16, size)
     flags = cpu_flags() if flags is None else flags
-    amx = "yes" if "amx_bf16" in flags else ("no" if flags else "unknown")
-    avx512_bf16 = "yes" if "avx512_bf16" in flags else ("no" if flags else "unknown")
+
+    def has(flag: str) -> str:  # "unknown" where no flags could be read at all
+        return "yes" if flag in flags else ("no" if flags else "unknown")
+
     return (f"host: {size}^3 GEMM fp32 {fp32:.2f} TFLOP/s, bf16 {bf16:.2f} TFLOP/s ({bf16 / fp32:.1f}x), "
-            f"AMX {amx}, AVX-512 bf16 {avx512_bf16}, {torch.get_num_threads()} threads")
+            f"AMX {has('amx_bf16')}, AVX-512 bf16 {has('avx512_bf16')}, {torch.get_num_threads()} threads")
