@@ -31,6 +31,12 @@ Deviations from the original:
   (q . b_k is the same for every key and drops out of the softmax) and output (P X) W_v^T + b_v (each row of P sums
   to one) (``_folded_token_to_image``). The same sums, reassociated; the two-way transformer is in
   :mod:`.modeling_hf_vl_sam_two_way`.
+- In inference with the cached first-layer work and at least two prompts per call, the layers after the first, the
+  final attention and the first upscaling read the prompts' image states through their factors: each layer's
+  update is low-rank (attention weights x token values) and each LayerNorm a row scaling of a fixed linear map, so
+  every linear map of the states is a per-image product plus a narrow per-prompt one
+  (:mod:`.modeling_hf_vl_sam_factored`). The same sums, reassociated; the h*w positions are never projected per
+  prompt, and the grid encoding is never added to them.
 - The output upscaling's transposed convolutions (kernel 2, stride 2) run as per-pixel linear maps on the
   channels-last image states (see :class:`HfVlSamMaskDecoder`). ``predict_masks`` returns every mask token's
   output by default (the ONNX export's need) or the ``mask_tokens`` selected by ``forward``; outside autograd only
@@ -64,6 +70,7 @@ from transformers.activations import ACT2FN
 from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig, HfVlSamPromptEncoderConfig, HfVlSamVisionConfig
 from .hf_vl_embeddings import HfVlRandomFourierPositionEmbedding
 from .hf_vl_mlp import HfVlFastLinearModule, HfVlMlpStack, can_fuse_linear, fused_linear
+from .modeling_hf_vl_sam_factored import FactoredImage, FactoredStates, factorable, memory_key
 from .modeling_hf_vl_sam_two_way import HfVlSamTwoWayLayer, HfVlSamTwoWayTransformer, _ImageProjections
 from .modeling_hf_vl_sam_vision import HfVlSamLayerNorm2d
 
@@ -197,13 +204,6 @@ class HfVlSamPromptEncoder(nn.Module):
         else:
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(rows, -1, *self.grid_size)
         return sparse_embeddings, dense
-
-
-def _memory_key(tensor: torch.Tensor) -> tuple:
-    """Where a tensor's contents live and whether they changed: address, layout, version (None: inference tensor)."""
-    version = None if tensor.is_inference() else tensor._version
-    strides = tuple(stride if size > 1 else 0 for size, stride in zip(tensor.shape, tensor.stride()))  # as laid out
-    return (tensor.data_ptr(), tuple(tensor.shape), strides, tensor.dtype, tensor.device, version)
 
 
 class HfVlSamFeedForward(HfVlMlpStack):
@@ -341,7 +341,7 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         sources = (image_embeddings, dense, image_pe, *weights)
         if any(t.is_inference() for t in sources[1:]):
             return None
-        key = tuple(_memory_key(t) for t in sources)
+        key = tuple(memory_key(t) for t in sources)
         base = image_embeddings if image_embeddings._base is None else image_embeddings._base
         cached = self._image_cache.get("first_layer")
         if cached is not None and cached["key"] == key and (
@@ -377,15 +377,27 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
             cached = self._fast_weights["upscale"] = (key, tuple(weights))
         return cached[1]
 
-    def upscale(self, image_states: torch.Tensor) -> torch.Tensor:
+    def _factored_upscale(self, states: FactoredStates | None, rows: torch.Tensor | None = None):
+        """The first upscaling's linear map of the final image ``states`` (in factored form, or None: returns None)
+        of the prompt ``rows`` (all by default)."""
+        if states is None:
+            return None
+        states = states if rows is None else states.select(rows)
+        conv = self.upscale_conv1
+        return states.linear("upscale", (conv.weight, conv.bias), lambda: _subpixel_linear_weights(conv)[0],
+                             conv.bias.repeat(4))  # fmt: skip
+
+    def upscale(self, image_states: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """image_states (rows, h*w, hidden) -> upscaled features (rows, h*w, 16, hidden/8): for each embedding cell
-        its 4x4 output pixels, ordered (sub-row 1, sub-column 1, sub-row 2, sub-column 2)."""
+        its 4x4 output pixels, ordered (sub-row 1, sub-column 1, sub-row 2, sub-column 2). ``first``: the first
+        upscaling's linear map of ``image_states`` (rows, h*w, hidden) when already computed
+        (:meth:`_factored_upscale`)."""
         params = [p for conv in (self.upscale_conv1, self.upscale_conv2) for p in (conv.weight, conv.bias)]
         fast = not self.training and can_fuse_linear(image_states, *params)
         weight1, bias1, weight2, bias2 = self._upscale_weights(fast, image_states.shape[0] * image_states.shape[1])
         linear = fused_linear if fast else F.linear
         # (rows, h*w, hidden) -> (rows, h*w, 4, hidden/4): each cell's 2x2 pixels of the first upscaling
-        hidden_states = linear(image_states, weight1, bias1).unflatten(-1, (4, -1))
+        hidden_states = (linear(image_states, weight1, bias1) if first is None else first).unflatten(-1, (4, -1))
         norm = self.upscale_layer_norm
         hidden_states = F.layer_norm(hidden_states, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         if fast and type(self.upscale_act) is type(ACT2FN["gelu"]):
@@ -487,9 +499,16 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         elif projections is None:
             image = image_embeddings.repeat_interleave(point_batch, dim=0) + dense_embeddings
         indices = range(self.num_mask_tokens)[mask_tokens]
+        # with the cached first-layer work, the later layers and the first upscaling read the prompts' image states
+        # through their factors (modeling_hf_vl_sam_factored)
+        norms, factored = [layer.layer_norm4 for layer in self.transformer.layers], None
+        if projections is not None and factorable(norms, self.transformer.final_attn_token_to_image.num_heads,
+                                                  tokens.shape[1], rows):  # fmt: skip
+            factored = FactoredImage(projections, norms, self._image_cache)
         # the final attention runs for the IoU token and the selected mask tokens only (prompt tokens are not read)
         tokens_out, image_states = self.transformer(image, image_pe[None], tokens, projections,
-                                                    output_tokens=[0, *(1 + index for index in indices)], **kwargs)
+                                                    output_tokens=[0, *(1 + index for index in indices)],
+                                                    factored=factored, **kwargs)  # fmt: skip
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[index](tokens_out[:, 1 + position])
              for position, index in enumerate(indices)], dim=1
@@ -497,24 +516,27 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         iou_pred = self.iou_prediction_head(tokens_out[:, 0])[:, mask_tokens].reshape(batch, point_batch, -1)
         # (rows, masks, h*w*16) -> (batch, P, masks, h, w, 2, 2, 2, 2) (sub-pixels: row 1, column 1, row 2, column 2),
         # laid out as (batch, P, masks, 4h, 4w) by _unshuffle_masks
-        masks = self._mask_logits(image_states, hyper_in, iou_pred.flatten(0, 1), mask_iou_threshold)
+        factored = None if factored is None else factored.final
+        masks = self._mask_logits(image_states, hyper_in, iou_pred.flatten(0, 1), mask_iou_threshold, factored)
         masks = masks.view(batch, point_batch, -1, height, width, 2, 2, 2, 2)
         if unshuffled:
             return masks, iou_pred
         return _unshuffle_masks(masks), iou_pred
 
-    def _mask_logits(self, image_states, hyper_in, iou, threshold: float | None) -> torch.Tensor:
+    def _mask_logits(self, image_states, hyper_in, iou, threshold: float | None, factored=None) -> torch.Tensor:
         """Mask logits (rows, masks, h*w*16) in sub-pixel order: the upscaled image states (rows, h*w, hidden) times
         the hypernetwork outputs (rows, masks, hidden/8). With a ``threshold``, only for the rows with an IoU (rows,
         masks) above it (compared in fp32 or wider, as the generator's filter compares); the others' are the lowest
-        value."""
+        value. ``factored``: see :meth:`_factored_upscale`."""
         keep = None if threshold is None else iou.to(torch.promote_types(iou.dtype, torch.float32)) > threshold
         if keep is None or bool(keep.all()):
-            return _mask_product(hyper_in, self.upscale(image_states).flatten(1, 2))
+            upscaled = self.upscale(image_states, self._factored_upscale(factored))
+            return _mask_product(hyper_in, upscaled.flatten(1, 2))
         rows = keep.any(-1).nonzero().flatten()
         out = hyper_in.new_full((*hyper_in.shape[:2], image_states.shape[1] * 16), torch.finfo(hyper_in.dtype).min)
         if rows.numel():
-            out[rows] = _mask_product(hyper_in[rows], self.upscale(image_states[rows]).flatten(1, 2))
+            upscaled = self.upscale(image_states[rows], self._factored_upscale(factored, rows))
+            out[rows] = _mask_product(hyper_in[rows], upscaled.flatten(1, 2))
         return out
 
     def forward(

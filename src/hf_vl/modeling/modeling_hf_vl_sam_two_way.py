@@ -16,6 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig
 from .hf_vl_attention import HfVlAttention, eager_attention_forward
 from .hf_vl_mlp import HfVlMlp, can_fuse_linear, can_fuse_residual, fused_linear
+from .modeling_hf_vl_sam_factored import FactoredImage, FactoredStates, ImageFactors
 
 # The first two-way layer's image-side work: states ``keys`` (groups, h*w, hidden), grid encoding ``key_pe`` (1, h*w,
 # hidden), keys_pe = keys + key_pe; token->image key, value, image->token query projections (groups, heads, h*w, d)
@@ -88,14 +89,18 @@ def _output(attention: HfVlAttention, states: torch.Tensor, residual: torch.Tens
 
 def _token_to_image(
     attention: HfVlAttention, queries: torch.Tensor, query_pe: torch.Tensor, keys: torch.Tensor,
-    keys_pe: torch.Tensor, projected: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs,
+    keys_pe: torch.Tensor, projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    factored: FactoredStates | None = None, **kwargs,
 ) -> torch.Tensor:
     """Token -> image cross-attention (+ residual) for rows = groups * per prompts against ``groups`` images.
 
     queries, query_pe (rows, tokens, hidden); keys, keys_pe (groups, h*w, hidden); ``projected``: the image's keys and
     values already projected (groups, heads, h*w, head_dim), or None. The prompts of one image attend to the same
     keys, so they are folded into the query length: the image's keys/values are projected once, not once per prompt
-    (attention rows are independent, so this is the same arithmetic)."""
+    (attention rows are independent, so this is the same arithmetic). ``factored``: the keys (rows of them, one per
+    prompt) in factored form, which then stand for ``keys`` / ``keys_pe`` (:func:`_factored_token_to_image`)."""
+    if factored is not None:
+        return _factored_token_to_image(attention, queries, query_pe, factored)
     rows, tokens, hidden = queries.shape
     groups = keys.shape[0]
     # (rows, tokens, hidden) -> (groups, per * tokens, hidden)
@@ -138,6 +143,21 @@ def _folded_token_to_image(
     return _output(attention, output, residual, fast)
 
 
+def _factored_token_to_image(
+    attention: HfVlAttention, queries: torch.Tensor, query_pe: torch.Tensor, states: FactoredStates
+) -> torch.Tensor:
+    """Token -> image attention (+ residual) against image states in factored form
+    (:mod:`.modeling_hf_vl_sam_factored`): scores and values through the factors, the h*w positions never projected
+    per prompt. queries, query_pe (rows, tokens, hidden) -> (rows, tokens, hidden)."""
+    rows, tokens, _ = queries.shape
+    with_pe = queries + query_pe
+    fast = _fast_path(attention, with_pe)
+    query = _project(attention, "q", with_pe, fast) * attention.scaling  # (rows, heads, tokens, d)
+    probs = _softmax(states.scores(attention.k_proj, attention.num_heads, query, constant=False), -1)
+    output = states.mix(attention.v_proj, attention.num_heads, probs)  # (rows, heads, tokens, d)
+    return _output(attention, output.transpose(1, 2).reshape(rows, tokens, -1), queries, fast)
+
+
 def _project(attention: HfVlAttention, name: str, states: torch.Tensor, fast: bool) -> torch.Tensor:
     """``attention.<name>_proj(states)`` (batch, len, width) -> (batch, heads, len, head_dim)."""
     linear = getattr(attention, f"{name}_proj")
@@ -173,7 +193,8 @@ def _image_to_token_logits(
 
 
 def _low_rank_attention(
-    attention: HfVlAttention, logits: torch.Tensor, value: torch.Tensor, residual: torch.Tensor
+    attention: HfVlAttention, logits: torch.Tensor, value: torch.Tensor, residual: torch.Tensor,
+    factors: list | None = None,
 ) -> torch.Tensor:
     """Image -> token attention, ``out_proj`` and residual, through the value rows: each image position's output is,
     per head h, a convex combination of the prompt's few token values, so ``out_proj(concat_h(A_h V_h)) = sum_h A_h
@@ -181,7 +202,9 @@ def _low_rank_attention(
     hidden) product instead of the (h*w, inner) x (inner, hidden) projection; the same sums, reassociated.
 
     logits (groups, heads, per * tokens, h*w) (:func:`_image_to_token_logits`); value (rows, heads, tokens,
-    head_dim), rows = groups * per prompts; residual (groups, h*w, hidden). Returns (rows, h*w, hidden)."""
+    head_dim), rows = groups * per prompts; residual (groups, h*w, hidden). Returns (rows, h*w, hidden); appends
+    (probabilities (rows, h*w, heads * tokens), token values (rows, heads * tokens, hidden)) to ``factors`` when given
+    (:mod:`.modeling_hf_vl_sam_factored`)."""
     rows, heads, tokens, head_dim = value.shape
     groups, length, hidden = residual.shape
     per = rows // groups
@@ -193,6 +216,8 @@ def _low_rank_attention(
     mixed = torch.matmul(value, attention.out_proj.weight.view(hidden, heads, head_dim).permute(1, 2, 0))
     # each head's probabilities sum to one: the bias added to head 0's rows is added once per position
     mixed = torch.cat([mixed[:, :1] + attention.out_proj.bias, mixed[:, 1:]], dim=1).view(rows, -1, hidden)
+    if factors is not None:
+        factors.append((probs, mixed))
     if groups in (1, rows):
         return torch.baddbmm(residual, probs, mixed)
     # (rows, h*w, hidden) + (groups, 1, h*w, hidden) broadcast over each image's prompts
@@ -201,7 +226,8 @@ def _low_rank_attention(
 
 def _image_to_token(
     attention: HfVlAttention, keys: torch.Tensor, keys_pe: torch.Tensor, queries: torch.Tensor,
-    queries_pe: torch.Tensor, query: torch.Tensor | None = None, **kwargs,
+    queries_pe: torch.Tensor, query: torch.Tensor | None = None, factors: list | None = None,
+    factored: FactoredStates | None = None, **kwargs,
 ) -> torch.Tensor:
     """Image -> token cross-attention (+ residual) of ``groups`` images' states against rows = groups * per prompts.
 
@@ -209,15 +235,22 @@ def _image_to_token(
     projection (groups, heads, h*w, head_dim) when already computed. Returns (rows, h*w, hidden). The image-side
     query projection is computed once per image and shared by its prompts; outside training the output projection
     runs through the token values (:func:`_low_rank_attention`), and in inference with few tokens the query
-    projection is folded into the token keys instead (:func:`_image_to_token_logits`)."""
+    projection is folded into the token keys instead (:func:`_image_to_token_logits`). ``factors``: see
+    :func:`_low_rank_attention` (inference only); ``factored``: the keys (rows of them) in factored form, which the
+    logits then read instead of ``keys_pe`` (inference only)."""
     rows, groups = queries.shape[0], keys.shape[0]
     per, length, hidden = rows // groups, keys.shape[1], keys.shape[2]
-    fast = _fast_path(attention, keys_pe, queries, queries_pe)
+    fast = _fast_path(attention, keys if keys_pe is None else keys_pe, queries, queries_pe)
+    if factored is not None:
+        key = _project(attention, "k", queries_pe, fast) * attention.scaling
+        logits = factored.scores(attention.q_proj, attention.num_heads, key, constant=True)
+        return _low_rank_attention(attention, logits, _project(attention, "v", queries, fast), keys, factors)
     if query is None and not _folds(attention, per * queries.shape[1]):
         query = _project(attention, "q", keys_pe, fast)  # (groups, heads, h*w, head_dim)
     key, value = _project(attention, "k", queries_pe, fast), _project(attention, "v", queries, fast)
     if not attention.training:  # query None: folded (_image_to_token_logits)
-        return _low_rank_attention(attention, _image_to_token_logits(attention, query, key, keys_pe), value, keys)
+        logits = _image_to_token_logits(attention, query, key, keys_pe)
+        return _low_rank_attention(attention, logits, value, keys, factors)
     # (groups, heads, h*w, d) -> (groups, per, heads, h*w, d) -> (rows, heads, h*w, d): one copy, no GEMM per prompt
     query = query[:, None].expand(groups, per, *query.shape[1:]).reshape(rows, *query.shape[1:])
     output = attention.out_proj(_attend(attention, query, key, value, **kwargs))  # (rows, h*w, hidden)
@@ -247,12 +280,15 @@ class HfVlSamTwoWayLayer(nn.Module):
 
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
-        image: _ImageProjections | None = None, **kwargs,
+        image: _ImageProjections | None = None, factors: list | None = None, factored: FactoredStates | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries, query_pe (rows, tokens, hidden); keys (groups, h*w, hidden) with ``groups`` dividing ``rows``
         (consecutive rows are prompts of one image state); key_pe broadcastable to keys; ``image``: the image-side
         projections of these keys (:meth:`project_image`), or None. Returns queries and the image states, (rows,
-        h*w, hidden)."""
+        h*w, hidden). ``factors`` (inference only): this layer's image-state update is appended to it
+        (:class:`.modeling_hf_vl_sam_factored.ImageFactors`); ``factored`` (inference only): ``keys`` in factored
+        form, which the cross-attentions then read instead (``keys`` is still the residual)."""
         if self.skip_first_layer_pe:
             queries, _ = self.self_attn(queries, **kwargs)
         else:
@@ -261,14 +297,19 @@ class HfVlSamTwoWayLayer(nn.Module):
                 with_pe, key_value_states=queries, key_states=with_pe, residual=queries, **kwargs
             )
         queries = self.layer_norm1(queries)
-        keys_pe = keys + key_pe if image is None else image.keys_pe
+        keys_pe = image.keys_pe if image is not None else None if factored is not None else keys + key_pe
         projected = None if image is None else (image.key, image.value)
         queries = self.layer_norm2(_token_to_image(self.cross_attn_token_to_image, queries, query_pe, keys, keys_pe,
-                                                   projected, **kwargs))  # fmt: skip
+                                                   projected, factored, **kwargs))  # fmt: skip
         queries = self.layer_norm3(self.mlp(queries, residual=queries))
         keys = _image_to_token(self.cross_attn_image_to_token, keys, keys_pe, queries, queries + query_pe,
-                               None if image is None else image.query, **kwargs)  # fmt: skip
-        return queries, self.layer_norm4(keys)
+                               None if image is None else image.query, factors, factored, **kwargs)  # fmt: skip
+        if factors is None:
+            return queries, self.layer_norm4(keys)
+        norm = self.layer_norm4
+        keys, _, rstd = torch.native_layer_norm(keys, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        factors.append(ImageFactors(*factors.pop(), rstd))
+        return queries, keys
 
     def project_image(self, keys: torch.Tensor, key_pe: torch.Tensor) -> _ImageProjections:
         """The image-side projections of :meth:`forward` for keys (groups, h*w, hidden), key_pe (1, h*w, hidden)."""
@@ -297,7 +338,8 @@ class HfVlSamTwoWayTransformer(nn.Module):
 
     def forward(
         self, image_embeddings: torch.Tensor | None, image_pe: torch.Tensor | None, tokens: torch.Tensor,
-        image: _ImageProjections | None = None, output_tokens: list[int] | None = None, **kwargs,
+        image: _ImageProjections | None = None, output_tokens: list[int] | None = None,
+        factored: FactoredImage | None = None, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embeddings (groups, hidden, h, w), ``groups`` dividing ``rows``: rows / groups consecutive prompts
         decode against each (groups = rows: one image state per prompt; fewer: shared, computed once);
@@ -305,7 +347,10 @@ class HfVlSamTwoWayTransformer(nn.Module):
         work (:meth:`project_image`), which then stands for image_embeddings and image_pe (both ignored).
         ``output_tokens``: the token positions to return (default all); the final attention, whose query rows are
         independent, runs only for them (the decoder needs the IoU and mask tokens, never the prompt tokens).
-        Returns tokens (rows, len(output_tokens) or tokens, hidden) and image states (rows, h*w, hidden)."""
+        Returns tokens (rows, len(output_tokens) or tokens, hidden) and image states (rows, h*w, hidden).
+        ``factored`` (inference only, with ``image``): the image side of the factored states
+        (:mod:`.modeling_hf_vl_sam_factored`); the layers after the first and the final attention then read the
+        prompts' states through their factors, and ``factored.final`` receives the final states in that form."""
         if image is None:
             # (groups, hidden, h, w) -> (groups, h*w, hidden)
             keys, key_pe = image_embeddings.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
@@ -314,12 +359,19 @@ class HfVlSamTwoWayTransformer(nn.Module):
         rows, groups = tokens.shape[0], keys.shape[0]
         if rows % groups != 0:
             raise ValueError(f"image_embeddings has {groups} images, which does not divide the {rows} prompt rows")
-        queries = tokens
+        queries, factors = tokens, None if factored is None else []
         for index, layer in enumerate(self.layers):
-            queries, keys = layer(queries, keys, tokens, key_pe, image if index == 0 else None, **kwargs)
+            states = FactoredStates(factors, factored) if factors else None  # the layers so far, factored
+            queries, keys = layer(queries, keys, tokens, key_pe, image if index == 0 else None, factors, states,
+                                  **kwargs)  # fmt: skip
         if output_tokens is not None:  # (rows, tokens, hidden) -> (rows, len(output_tokens), hidden)
             queries, tokens = queries[:, output_tokens], tokens[:, output_tokens]
-        queries = _token_to_image(self.final_attn_token_to_image, queries, tokens, keys, keys + key_pe, **kwargs)
+        if factored is not None:
+            factored.final = FactoredStates(factors, factored)
+            queries = _token_to_image(self.final_attn_token_to_image, queries, tokens, keys, None,
+                                      factored=factored.final)  # fmt: skip
+        else:
+            queries = _token_to_image(self.final_attn_token_to_image, queries, tokens, keys, keys + key_pe, **kwargs)
         if keys.shape[0] != rows:  # no two-way layers: the image states were never expanded per prompt
             keys = keys.repeat_interleave(rows // keys.shape[0], dim=0)
         return self.final_layer_norm(queries), keys
