@@ -150,6 +150,19 @@ def test_factored_decode_equals_the_reference(model, factored, attn, batch, per)
     assert len(factored) == 4
 
 
+def test_factored_decode_with_boxes_and_one_image_repeated(model, factored):
+    embeddings = random_embeddings(1)
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [10.0, 2.0, 60.0, 30.0], [0.0, 0.0, 63.0, 63.0]])
+    inputs = dict(input_boxes=boxes[None])  # three box prompts
+    assert_outputs_close(decode(model, embeddings, **inputs), reference(model, embeddings, **inputs))
+    inputs.update(prompts(1, 3))  # a box and two points each
+    assert_outputs_close(decode(model, embeddings, **inputs), reference(model, embeddings, **inputs))
+    # one image repeated (an expanded view, as the pipelines pass it): one image state for the 3 x 2 prompts
+    expanded, inputs = embeddings.expand(3, -1, -1, -1), prompts(3, 2)
+    assert_outputs_close(decode(model, expanded, **inputs), reference(model, expanded.contiguous(), **inputs))
+    assert len(factored) == 3
+
+
 def test_factored_decode_in_chunks(model, factored, monkeypatch):
     # chunks of 3 prompts of 2 images (7 per image: the last chunk is short)
     monkeypatch.setattr(decoder_module, "DECODE_CHUNK_BYTES", 3 * 2 * DIM * GRID * GRID * 4)

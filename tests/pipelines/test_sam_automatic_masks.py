@@ -119,6 +119,23 @@ def test_converted_model_matches_reference(models, photo):
     assert_records_match(ref_records, our_records, stability_tol=stability_tol)
 
 
+def test_converted_model_matches_reference_factored(models, photo, monkeypatch):
+    """The same with the decoder's factored path (``modeling_hf_vl_sam_factored``) forced on: the tiny model's sizes
+    never take it by default, vit_b's do."""
+    from hf_vl.modeling import modeling_hf_vl_sam_decoder as decoder_module
+    from hf_vl.modeling import modeling_hf_vl_sam_factored as factored_module
+
+    if type(models["ours"]).__name__ != "HfVlSamModel":
+        pytest.skip("the factored path is HfVlSamModel's")
+    calls, original = [], decoder_module.FactoredImage
+    monkeypatch.setattr(factored_module, "FACTOR_BELOW", float("inf"))
+    monkeypatch.setattr(decoder_module, "FactoredImage", lambda *args: calls.append(1) or original(*args))
+    reference, ours = _pair(models, model="ours", points_per_side=16, box_nms_thresh=1.0, **FILTERS)
+    ref_records, our_records = reference.generate(photo), ours.generate(photo)
+    assert len(ref_records) > 100 and calls
+    assert_records_match(ref_records, our_records)
+
+
 def test_matches_reference_with_nms(models, photo):
     reference, ours = _pair(models, points_per_side=16, box_nms_thresh=0.7, **FILTERS)
     ref_records, our_records = reference.generate(photo), ours.generate(photo)
