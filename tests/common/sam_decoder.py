@@ -79,3 +79,20 @@ def reference(model, embeddings, **inputs):
 def assert_outputs_close(ours, expected, **tolerance):
     torch.testing.assert_close(ours.pred_masks, expected.pred_masks, **(tolerance or TOL))
     torch.testing.assert_close(ours.iou_scores, expected.iou_scores, **(tolerance or TOL))
+
+
+def assert_weight_change_invalidates(model, name: str, how: str = "in_place") -> None:
+    """Changing parameter ``name`` (``how``: ``in_place`` or ``load_state_dict``) between two decodes of the same
+    embedding changes the masks, to what a fresh copy of the changed model and the reference give."""
+    embeddings, inputs = random_embeddings(2), prompts(2, 2)
+    before = decode(model, embeddings, **inputs)
+    if how == "load_state_dict":
+        state = model.state_dict()
+        model.load_state_dict({**state, name: state[name] * 1.5 + 0.1})
+    else:
+        with torch.no_grad():
+            model.state_dict(keep_vars=True)[name].mul_(1.5).add_(0.1)
+    after = decode(model, embeddings, **inputs)
+    assert not torch.allclose(after.pred_masks, before.pred_masks), "the decoder kept stale work"
+    assert_outputs_close(after, decode(copy_of(model), embeddings, **inputs), atol=1e-6, rtol=1e-6)
+    assert_outputs_close(after, reference(model, embeddings, **inputs))

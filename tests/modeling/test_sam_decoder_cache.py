@@ -18,6 +18,7 @@ from common.sam_decoder import (
     GRID,
     MASK,
     assert_outputs_close,
+    assert_weight_change_invalidates,
     copy_of,
     decode,
     prompts,
@@ -134,18 +135,7 @@ def test_inference_tensor_embedding_is_compared_by_value(model, monkeypatch):
 )
 @pytest.mark.parametrize("how", ["load_state_dict", "in_place"])
 def test_weight_changes_invalidate(model, name, how):
-    embeddings, inputs = random_embeddings(2), prompts(2, 2)
-    before = decode(model, embeddings, **inputs)
-    if how == "load_state_dict":
-        state = model.state_dict()
-        model.load_state_dict({**state, name: state[name] * 1.5 + 0.1})
-    else:
-        with torch.no_grad():
-            model.state_dict(keep_vars=True)[name].mul_(1.5).add_(0.1)
-    after = decode(model, embeddings, **inputs)
-    assert not torch.allclose(after.pred_masks, before.pred_masks), "the decoder kept the old projections"
-    assert_outputs_close(after, decode(copy_of(model), embeddings, **inputs), atol=1e-6, rtol=1e-6)
-    assert_outputs_close(after, reference(model, embeddings, **inputs))
+    assert_weight_change_invalidates(model, name, how)
 
 
 def test_other_tensor_with_the_same_values(model, monkeypatch):

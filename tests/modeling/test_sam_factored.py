@@ -9,18 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from common.sam_decoder import (
-    DIM,
-    GRID,
-    MASK,
-    assert_outputs_close,
-    copy_of,
-    decode,
-    prompts,
-    random_embeddings,
-    reference,
-    unit_scale_sam,
-)
+from common import sam_decoder
+from common.sam_decoder import DIM, GRID, MASK, assert_outputs_close, decode, prompts, random_embeddings, reference
 
 from hf_vl.modeling import modeling_hf_vl_sam_decoder as decoder_module
 from hf_vl.modeling import modeling_hf_vl_sam_factored as factored_module
@@ -120,7 +110,7 @@ def test_factorable():
 # ------------------------------------------------------------------------------------------ in the decoder
 @pytest.fixture
 def model() -> nn.Module:
-    return unit_scale_sam(norms=True)
+    return sam_decoder.unit_scale_sam(norms=True)
 
 
 @pytest.fixture
@@ -229,11 +219,5 @@ def test_factored_iou_gate(model, factored):
     ],
 )
 def test_weight_changes_invalidate(model, factored, name):
-    embeddings, inputs = random_embeddings(2), prompts(2, 2)
-    before = decode(model, embeddings, **inputs)
-    with torch.no_grad():
-        model.state_dict(keep_vars=True)[name].mul_(1.5).add_(0.1)
-    after = decode(model, embeddings, **inputs)
-    assert not torch.allclose(after.pred_masks, before.pred_masks), "the decoder kept stale products"
-    assert_outputs_close(after, decode(copy_of(model), embeddings, **inputs), atol=1e-6, rtol=1e-6)
-    assert_outputs_close(after, reference(model, embeddings, **inputs))
+    sam_decoder.assert_weight_change_invalidates(model, name)
+    assert len(factored) == 3  # before, after, and the changed copy
