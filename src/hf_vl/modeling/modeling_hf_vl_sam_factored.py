@@ -83,12 +83,16 @@ class FactoredImage:
         self.final: FactoredStates | None = None
 
     def _cached(self, name: tuple, params: tuple, compute: Callable[[], tuple]) -> tuple:
-        key = tuple(memory_key(t) for t in (*params, *(p for norm in self.norms for p in (norm.weight, norm.bias))))
+        """``compute()``, kept under ``name`` while the first-layer work and the sources (``params`` and the norms)
+        are unchanged: the same memory, layout and version; the entry holds the sources, so their memory cannot be
+        taken by other tensors while it lives."""
+        sources = (*params, *(p for norm in self.norms for p in (norm.weight, norm.bias)))
+        key = tuple(memory_key(t) for t in sources)
         entry = self.cache.get(name)
         if entry is None or entry[0] != key or entry[1] is not self.projections:
             # ordinary tensors even under inference_mode, so the entry stays usable after leaving it
             with torch.inference_mode(False), torch.no_grad():
-                entry = self.cache[name] = (key, self.projections, compute())
+                entry = self.cache[name] = (key, self.projections, compute(), sources)
         return entry[2]
 
     def chain(self, name: str, depth: int, params: tuple, weight: Callable[[], torch.Tensor], heads: int = 0,
