@@ -64,7 +64,9 @@ def factorable(norms: list[nn.LayerNorm], heads: int, tokens: int, rows: int) ->
     """Whether the unrolling applies and pays for ``rows`` prompts of ``tokens`` tokens: at least one layer, each
     LayerNorm affine over the last dimension alone, the factors narrower than the states (``FACTOR_BELOW``), enough
     prompts (``FACTOR_MIN_ROWS``)."""
-    if rows < FACTOR_MIN_ROWS or not norms or not all(isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 for norm in norms):
+    if rows < FACTOR_MIN_ROWS or not norms:
+        return False
+    if not all(isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 for norm in norms):
         return False
     if any(norm.weight is None or norm.bias is None for norm in norms):
         return False
@@ -154,7 +156,8 @@ class FactoredStates:
         return left
 
     def select(self, rows: torch.Tensor) -> FactoredStates:
-        """The states of the prompt ``rows`` only."""
+        """The states of the prompt ``rows`` only, for :meth:`linear` (:meth:`scores` and :meth:`mix` take an
+        image's prompts together and need rows as groups x consecutive prompts)."""
         factors = [ImageFactors(*(t[rows] for t in factor)) for factor in self.factors]
         return FactoredStates(factors, self.image, rows // (self.rows // self.groups),
                               [scale[rows] for scale in self.scales], self.left[rows])  # fmt: skip
