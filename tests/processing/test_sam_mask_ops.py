@@ -125,6 +125,11 @@ def test_composed_upsampling_equals_two_interpolations(low, pad, input_size, ori
     ours = ops.upsample_logits(logits, rows, cols)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)  # float32 rounding of |logits| ~ 10
+    # the bands computed once and passed in (as the generator does per crop): the same products
+    bands = ops.upsample_bands(rows, cols)
+    torch.testing.assert_close(ops.upsample_logits(logits, rows, cols, bands), ours, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bands"):  # another size's bands would leave rows unwritten
+        ops.upsample_logits(logits, rows, cols, ops.upsample_bands(rows[:-1], cols))
 
 
 def test_interpolation_matrix_rows_sum_to_one():

@@ -259,7 +259,7 @@ class HfVlSamAutomaticMaskGenerator:
         size = -(-self.points_per_batch // self._workers())
         batches = [points[start : start + size] for start in range(0, points.shape[0], size)]
         orig_box = [0, 0, orig_size[1], orig_size[0]]
-        matrices = []  # the interpolation matrices, built by the first batch
+        matrices = []  # the interpolation matrices and their bands, built by the first batch (run alone)
 
         def batch_masks(batch: torch.Tensor) -> tuple[tuple, float, float]:
             """Decode and filter one batch of points: (filtered parts, decode seconds, filter seconds)."""
@@ -268,6 +268,7 @@ class HfVlSamAutomaticMaskGenerator:
             decoded = time.perf_counter()
             if not matrices:
                 matrices.extend(ops.postprocess_matrices(low.shape[-2:], self.image_size, input_size, (crop_h, crop_w)))
+                matrices.append(ops.upsample_bands(*matrices))
             part = self._filter_batch(iou, low, batch, matrices, crop_box, orig_box)
             return part, decoded - clock, time.perf_counter() - decoded
 

@@ -184,21 +184,34 @@ def _bands(matrix: torch.Tensor, block: int) -> list[tuple[int, int, int, int]]:
 UPSAMPLE_ROW_BLOCK, UPSAMPLE_COLUMN_BLOCK = 32, 64
 
 
-def upsample_logits(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) low-res logits -> (N, H, W) float32 with the matrices of :func:`postprocess_matrices`.
+def upsample_bands(rows: torch.Tensor, cols: torch.Tensor) -> tuple[list, list]:
+    """The bands :func:`upsample_logits` multiplies for these matrices: computed once, passed to every call on them
+    (~0.5 ms each time for 256 -> 512: ~0.1 s over a 32x32 grid's 3072 candidates in 16-mask chunks)."""
+    return _bands(rows, UPSAMPLE_ROW_BLOCK), _bands(cols, UPSAMPLE_COLUMN_BLOCK)
+
+
+def upsample_logits(
+    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, bands: tuple[list, list] | None = None
+) -> torch.Tensor:
+    """(N, h, w) low-res logits -> (N, H, W) float32 with the matrices of :func:`postprocess_matrices` (and their
+    :func:`upsample_bands`, computed here when not given).
 
     Both products run band by band: each block of output rows (columns) multiplies only the low-res rows (columns)
     its weights touch, skipping the zeros of the banded matrices and the low-res cells that only feed the cropped-away
     padding (2.3x faster than the dense products for 256 -> 512: 0.64 against 1.5 ms per mask)."""
+    row_bands, col_bands = upsample_bands(rows, cols) if bands is None else bands
+    if row_bands[-1][1] != rows.shape[0] or col_bands[-1][1] != cols.shape[0]:
+        raise ValueError(f"bands: cover {row_bands[-1][1]} x {col_bands[-1][1]} output pixels, the matrices "
+                         f"{rows.shape[0]} x {cols.shape[0]}: pass upsample_bands(rows, cols) of these matrices")
     low = logits.float()
     rows, cols = rows.to(low.device), cols.to(low.device)
     count, height, width = low.shape[0], rows.shape[0], cols.shape[0]
     wide = low.new_empty(count, low.shape[1], width)  # (N, h, W), every column written below
-    for start, stop, first, end in _bands(cols, UPSAMPLE_COLUMN_BLOCK):
+    for start, stop, first, end in col_bands:
         # (N, h, band of w) @ (band of w, block of W)
         wide[:, :, start:stop] = low[:, :, first:end] @ cols[start:stop, first:end].T
     out = low.new_empty(count, height, width)  # (N, H, W), every row written below
-    for start, stop, first, end in _bands(rows, UPSAMPLE_ROW_BLOCK):
+    for start, stop, first, end in row_bands:
         # (block of H, band of h) @ (N, band of h, W)
         out[:, start:stop] = torch.matmul(rows[start:stop, first:end], wide[:, first:end])
     return out
