@@ -387,9 +387,10 @@ def count_upscaled_rows(model, monkeypatch) -> list:
     """Rows (prompts) each upscaling call gets, as a list that grows."""
     rows, decoder = [], model.mask_decoder
     original = decoder.upscale
+
     def counted(states, first=None):
-        assert first is None or first.shape[0] == states.shape[0]
-        rows.append(states.shape[0])
+        assert (states is None) != (first is None), "the states or their first upscaling, one of them"
+        rows.append((first if states is None else states).shape[0])
         return original(states, first)
 
     monkeypatch.setattr(decoder, "upscale", counted)

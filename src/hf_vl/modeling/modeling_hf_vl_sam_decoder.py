@@ -389,14 +389,15 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         return states.linear("upscale", (conv.weight, conv.bias), lambda: _subpixel_linear_weights(conv)[0],
                              conv.bias.repeat(4))  # fmt: skip
 
-    def upscale(self, image_states: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    def upscale(self, image_states: torch.Tensor | None, first: torch.Tensor | None = None) -> torch.Tensor:
         """image_states (rows, h*w, hidden) -> upscaled features (rows, h*w, 16, hidden/8): for each embedding cell
         its 4x4 output pixels, ordered (sub-row 1, sub-column 1, sub-row 2, sub-column 2). ``first``: the first
-        upscaling's linear map of ``image_states`` (rows, h*w, hidden) when already computed
-        (:meth:`_factored_upscale`)."""
+        upscaling's linear map of the states (rows, h*w, hidden) when already computed (:meth:`_factored_upscale`);
+        ``image_states`` is then not read and may be None."""
         params = [p for conv in (self.upscale_conv1, self.upscale_conv2) for p in (conv.weight, conv.bias)]
-        fast = not self.training and can_fuse_linear(image_states, *params)
-        weight1, bias1, weight2, bias2 = self._upscale_weights(fast, image_states.shape[0] * image_states.shape[1])
+        source = image_states if first is None else first
+        fast = not self.training and can_fuse_linear(source, *params)
+        weight1, bias1, weight2, bias2 = self._upscale_weights(fast, source.shape[0] * source.shape[1])
         linear = fused_linear if fast else F.linear
         # (rows, h*w, hidden) -> (rows, h*w, 4, hidden/4): each cell's 2x2 pixels of the first upscaling
         hidden_states = (linear(image_states, weight1, bias1) if first is None else first).unflatten(-1, (4, -1))
@@ -534,10 +535,12 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         if keep is None or bool(keep.all()):
             upscaled = self.upscale(image_states, self._factored_upscale(factored))
             return _mask_product(hyper_in, upscaled.flatten(1, 2))
+        # with factored states the kept rows' image states are not read: no copy of them (4096 x 256 per prompt)
         rows = keep.any(-1).nonzero().flatten()
         out = hyper_in.new_full((*hyper_in.shape[:2], image_states.shape[1] * 16), torch.finfo(hyper_in.dtype).min)
         if rows.numel():
-            upscaled = self.upscale(image_states[rows], self._factored_upscale(factored, rows))
+            first = self._factored_upscale(factored, rows)
+            upscaled = self.upscale(image_states[rows] if first is None else None, first)
             out[rows] = _mask_product(hyper_in[rows], upscaled.flatten(1, 2))
         return out
 
