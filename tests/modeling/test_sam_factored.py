@@ -221,3 +221,8 @@ def test_factored_iou_gate(model, factored):
 def test_weight_changes_invalidate(model, factored, name):
     sam_decoder.assert_weight_change_invalidates(model, name)
     assert len(factored) == 3  # before, after, and the changed copy
+
+
+def test_upscale_needs_states_or_their_first_map(model):
+    with pytest.raises(TypeError, match="upscale needs image_states"):
+        model.mask_decoder.upscale(None)

@@ -394,6 +394,8 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         its 4x4 output pixels, ordered (sub-row 1, sub-column 1, sub-row 2, sub-column 2). ``first``: the first
         upscaling's linear map of the states (rows, h*w, hidden) when already computed (:meth:`_factored_upscale`);
         ``image_states`` is then not read and may be None."""
+        if image_states is None and first is None:
+            raise TypeError("upscale needs image_states (rows, h*w, hidden) unless first is given, got neither")
         params = [p for conv in (self.upscale_conv1, self.upscale_conv2) for p in (conv.weight, conv.bias)]
         source = image_states if first is None else first
         fast = not self.training and can_fuse_linear(source, *params)

@@ -187,13 +187,17 @@ class FactoredStates:
             out = torch.addcmul(constant, base[:, None], self._grouped(self.scales[0])).flatten(0, 1)
         return torch.baddbmm(out, self.left.transpose(1, 2), self._rights(maps))
 
+    def _projection(self, linear: nn.Linear, heads: int, layout: str) -> tuple:
+        """(maps, E B_0 per head in ``layout``) for an attention projection ``linear`` of these states."""
+        return self.image.chain(f"{id(linear)}", len(self.factors), (linear.weight,), lambda: linear.weight, heads,
+                                layout)  # fmt: skip
+
     def scores(self, linear: nn.Linear, heads: int, vectors: torch.Tensor, constant: bool) -> torch.Tensor:
         """Each row's ``vectors`` (rows, heads, m, d) dotted with ``linear(states + grid encoding)`` per head at every
         position: (rows, heads, m, h*w). ``constant``: include the terms that are the same at every position (a
         softmax over the positions drops them)."""
         rows, _, count, dim = vectors.shape
-        name = f"{id(linear)}"
-        maps, base = self.image.chain(name, len(self.factors), (linear.weight,), lambda: linear.weight, heads, "keys")
+        maps, base = self._projection(linear, heads, "keys")
         # (rows, heads, m, d) x (rows, heads, d, K) -> (rows, heads * m, K), then x left (rows, K, h*w)
         rights = self._rights(maps).view(rows, -1, heads, dim).permute(0, 2, 3, 1)
         scores = torch.bmm(torch.matmul(vectors, rights).flatten(1, 2), self.left).view(rows, heads, count, -1)
@@ -202,7 +206,7 @@ class FactoredStates:
         view = self._grouped(scores).transpose(1, 2)  # (groups, heads, per, m, h*w), a view of the rows' scores
         scale = self._grouped(self.scales[0]).view(self.groups, 1, -1, 1, self.length)
         view.addcmul_(torch.matmul(grouped, base).view(view.shape), scale)
-        view += torch.matmul(grouped, self.image.pe_product(name, linear, heads)).view(view.shape)
+        view += torch.matmul(grouped, self.image.pe_product(f"{id(linear)}", linear, heads)).view(view.shape)
         if constant:  # (rows, heads, m, d) x (heads, d, 1) -> (rows, heads, m, 1)
             scores += torch.matmul(vectors, self._constant(maps, linear.bias).view(heads, dim, 1))
         return scores
@@ -211,8 +215,7 @@ class FactoredStates:
         """``probs`` (rows, heads, m, h*w), each row summing to one, times ``linear(states)`` per head: (rows, heads,
         m, d)."""
         rows, _, count, length = probs.shape
-        maps, base = self.image.chain(f"{id(linear)}", len(self.factors), (linear.weight,), lambda: linear.weight,
-                                      heads, "values")  # fmt: skip
+        maps, base = self._projection(linear, heads, "values")
         # S_0 (E B_0): (groups, heads, per * m, h*w) x (groups, heads, h*w, d), an image's prompts at once
         scaled = probs.new_empty(self.groups, heads, rows // self.groups, count, length)
         scale = self._grouped(self.scales[0]).view(self.groups, 1, -1, 1, length)
