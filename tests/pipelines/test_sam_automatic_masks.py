@@ -219,11 +219,21 @@ def test_list_of_images_equals_one_by_one(models, photo, wide_photo):
     assert not all((a["segmentation"] == b["segmentation"]).all() for a, b in zip(together[0], together[2]))
 
 
-def test_bfloat16_close_to_float32(models, photo):
+def test_bfloat16_close_to_float32(models, photo, monkeypatch):
     kwargs = dict(points_per_side=8, box_nms_thresh=1.0, **FILTERS)
+    upsampled, upsample = [], ops.upsample_logits
+
+    def spy(*args, **kw):
+        upsampled.append(kw.get("dtype"))
+        return upsample(*args, **kw)
+
+    monkeypatch.setattr(ops, "upsample_logits", spy)
     fp32 = HfVlSamAutomaticMaskGenerator(models["ours"], **kwargs).generate(photo)
+    assert upsampled and set(upsampled) == {torch.float32}
+    upsampled.clear()
     generator = HfVlSamAutomaticMaskGenerator(models["ours"], dtype=torch.bfloat16, **kwargs)
     bf16 = generator.generate(photo)
+    assert upsampled and set(upsampled) == {torch.bfloat16}  # the candidates' upsampling in bf16 too
     assert next(models["ours"].parameters()).dtype == torch.float32  # the given model is not converted
     assert next(generator.model.parameters()).dtype == torch.bfloat16
     assert all(isinstance(r["predicted_iou"], float) for r in bf16)

@@ -4,6 +4,8 @@ per-component implementation of small-region removal (segment-anything's needs O
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,24 @@ def test_composed_upsampling_equals_two_interpolations(low, pad, input_size, ori
         ops.upsample_logits(logits, rows, cols, ops.upsample_bands(rows[:-1], cols))
 
 
+
+def test_upsample_logits_in_bfloat16():
+    low, pad, input_size, original = (32, 32), 128, (128, 96), (100, 75)
+    logits = torch.randn(5, *low) * 4
+    rows, cols = ops.postprocess_matrices(low, pad, input_size, original)
+    bands = ops.upsample_bands(rows, cols)
+    exact = ops.upsample_logits(logits, rows, cols, bands)
+    # the logits rounded to bf16 first, as a bf16 model returns them
+    ours = ops.upsample_logits(logits.bfloat16(), rows, cols, bands, dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ours.shape == exact.shape
+    # bf16 rounding of the input, the weights, the column pass and the output: a few units of 2^-8 relative
+    torch.testing.assert_close(ours.float(), exact, rtol=0, atol=0.05 * float(exact.abs().max()) / 4)
+    assert ((ours.float() > 0) == (exact > 0)).float().mean() > 0.99
+    # float32 is the default whatever the logits' dtype
+    assert ops.upsample_logits(logits.bfloat16(), rows, cols, bands).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        ops.upsample_logits(logits, rows, cols, bands, dtype=torch.float64)
+
 def test_interpolation_matrix_rows_sum_to_one():
     matrix = ops.interpolation_matrix(7, 19)
     torch.testing.assert_close(matrix.sum(1), torch.ones(19, dtype=torch.float64))
@@ -248,10 +268,54 @@ def test_filter_masks_matches_transformers():
     torch.testing.assert_close(post[3], ref_post[3])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_threshold_for_low_precision(dtype):
+    # every finite value of the dtype (all 2^16 bit patterns)
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = values[values.isfinite()]
+    for threshold in (0.95, 0.952, -0.952, 1.0, -1.0, 0.0, 1e-3, -1e-3, 0.05 + 0.9, 0.05 - 0.9, 300.3, 1e-30):
+        cut = ops.exact_threshold(threshold, dtype)
+        assert cut <= threshold
+        assert torch.equal(values > cut, values.double() > threshold), threshold
+    # a plain comparison rounds the cut-off to nearest: 0.952 up (bf16: to 0.953125), missing the values in between
+    assert not torch.equal(values > 0.952, values.double() > 0.952)
+    assert ops.exact_threshold(0.952, torch.float32) == 0.952
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_above_compares_like_torch_and_exactly_in_low_precision(dtype):
+    """``above`` (numpy on the CPU for float32 and bf16 bit patterns) against the plain comparison in float64 for
+    bf16/fp16 (every bit pattern: zeros of both signs, infinities, NaNs) and torch's own comparison otherwise."""
+    if dtype in (torch.bfloat16, torch.float16):
+        values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).view(8, 8192)
+    else:
+        values = torch.randn(8, 8192, dtype=dtype) * 3
+        values[0, :6] = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan], dtype=dtype)
+        values[1] = torch.tensor(0.952, dtype=dtype) + torch.arange(-4096, 4096, dtype=dtype) * 1e-7
+    for threshold in (0.952, -0.952, 0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 300.3, -math.inf):
+        ours = ops.above(values, threshold)
+        assert ours.dtype == torch.bool and ours.shape == values.shape
+        reference = values.double() > threshold if values.element_size() == 2 else values > threshold
+        assert torch.equal(ours, reference), threshold
+
+
+def test_scores_and_boxes_of_bfloat16_logits_use_exact_thresholds():
+    logits = (torch.randn(4, 2, 40, 50) * 3).bfloat16()
+    logits[0, 0, 0, :4] = torch.tensor([0.94921875, 0.953125, -0.8515625, -0.84765625])  # around the cut-offs
+    # cut-offs (0.952 and -0.848, 0.952) no bf16 value equals: compared as the float64 values would be
+    score = ops.stability_score(logits, 0.052, 0.9)
+    torch.testing.assert_close(score, ops.stability_score(logits.double(), 0.052, 0.9), rtol=0, atol=0)
+    flat = logits.flatten(0, 1)
+    torch.testing.assert_close(ops.boxes_from_logits(flat, 0.952), ops.boxes_from_logits(flat.double(), 0.952))
+    assert not torch.equal(flat > 0.952, flat.double() > 0.952)  # what the exact cut-offs are for
+
 def test_boxes_from_logits_and_count_true():
     logits = torch.randn(6, 33, 41) - 1.5  # sparse positives; mask 2 empty
     logits[2] = -1.0
     masks = logits > 0.25
     torch.testing.assert_close(ops.boxes_from_logits(logits, 0.25), amg.batched_mask_to_box(masks))
+    # float64 takes the row/column-maxima path (as off the CPU), the same boxes
+    torch.testing.assert_close(ops.boxes_from_logits(logits.double(), 0.25), amg.batched_mask_to_box(masks))
     assert ops.count_true(masks).tolist() == masks.flatten(1).sum(1).tolist()
     assert ops.count_true(masks).dtype == torch.int64

@@ -185,7 +185,7 @@ class FactoredStates:
             out = torch.addcmul(constant, base[self.row_groups], self.scales[0])
         else:  # base (groups, h*w, out) broadcast over each image's prompts: (groups, per, h*w, out)
             out = torch.addcmul(constant, base[:, None], self._grouped(self.scales[0])).flatten(0, 1)
-        return torch.baddbmm(out, self.left.transpose(1, 2), self._rights(maps))
+        return out.baddbmm_(self.left.transpose(1, 2), self._rights(maps))  # in place: out is fresh, no copy
 
     def _projection(self, linear: nn.Linear, heads: int, layout: str) -> tuple:
         """(maps, E B_0 per head in ``layout``) for an attention projection ``linear`` of these states."""

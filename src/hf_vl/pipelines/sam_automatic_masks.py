@@ -95,7 +95,8 @@ class HfVlSamAutomaticMaskGenerator:
     addition ``image_processor`` (optional: a SAM image processor whose ``__call__`` returns ``pixel_values`` and
     ``reshaped_input_sizes``; by default crops are resized with PIL bilinear, normalised and padded as in
     segment-anything), ``mask_threshold`` (logit cut-off), ``dtype`` (run the model in this dtype, e.g.
-    ``torch.bfloat16``; a converted copy is made, the given model is left as is), ``image_batch_size`` (crops per
+    ``torch.bfloat16``; a converted copy is made, the given model is left as is; with bf16 the candidates' upsampling
+    runs in bf16 too, :func:`.sam_mask_ops.upsample_logits`), ``image_batch_size`` (crops per
     image-encoder call) and ``decode_workers``.
 
     ``decode_workers``: threads that decode and filter a crop's points side by side, each with an equal share of
@@ -334,20 +335,22 @@ class HfVlSamAutomaticMaskGenerator:
         keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
         index = keep.nonzero().flatten()
         crop_h, crop_w = crop_box[3] - crop_box[1], crop_box[2] - crop_box[0]
+        dtype = torch.bfloat16 if low.dtype == torch.bfloat16 else torch.float32
         # chunks of <= 4M pixels (16 MB float32): small enough for the allocator to reuse without page faults
         chunk = max(1, (4 << 20) // (crop_h * crop_w))
         out = []
         for start in range(0, index.shape[0], chunk):
             sel = index[start : start + chunk]
-            logits = ops.upsample_logits(low[sel], *matrices)  # (n, crop_h, crop_w) float32
+            # (n, crop_h, crop_w), float32, or bf16 for a bf16 model (compared with exact cut-offs below)
+            logits = ops.upsample_logits(low[sel], *matrices, dtype=dtype)
             stability = ops.stability_score(logits, self.mask_threshold, self.stability_score_offset)
             good = stability >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else None
             if good is not None:
                 sel, logits, stability = _rows(good, sel, logits, stability)
-            boxes = ops.boxes_from_logits(logits, self.mask_threshold)
+            masks = ops.above(logits, self.mask_threshold)
+            boxes = ops.masks_to_boxes(masks)
             inside = ~ops.is_box_near_crop_edge(boxes, crop_box, orig_box)
-            sel, logits, stability, boxes = _rows(inside, sel, logits, stability, boxes)
-            masks = logits > self.mask_threshold
+            sel, masks, stability, boxes = _rows(inside, sel, masks, stability, boxes)
             packed = np.packbits(masks.reshape(masks.shape[0], crop_h * crop_w).numpy(), axis=1)
             out.append((boxes, iou[sel], stability, points[sel], packed))
         if not out:

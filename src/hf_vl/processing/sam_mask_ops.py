@@ -71,14 +71,27 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
 # --------------------------------------------------------------------------------------------- scores and boxes
 
 
+def exact_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """A cut-off ``t`` with ``x > t`` equal to ``x > threshold`` for every value ``x`` of a bf16/fp16 tensor: the
+    largest ``dtype`` value <= ``threshold``. Comparing such a tensor with a Python number rounds the number to the
+    tensor's dtype, to nearest: in bf16 0.952 becomes 0.953125, and ``x > 0.952`` is False for x = 0.953125. Other
+    dtypes: ``threshold`` as given (float32 logits compare as segment-anything's do)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return threshold
+    value = torch.tensor(threshold, dtype=torch.float64).to(dtype)
+    if float(value) > threshold:  # rounded up: the next value down lies below it
+        value = torch.nextafter(value, value.new_tensor(-math.inf))
+    return float(value)
+
+
 def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
     """IoU of the masks thresholded at ``mask_threshold + offset`` and ``- offset`` (the first lies inside the
     second, so IoU = count ratio). logits (..., H, W) -> (...) float32; an empty union gives nan like the reference.
-    """
+    bf16/fp16 logits compare exactly (:func:`above`)."""
     lead = logits.shape[:-2]
     flat = logits.reshape(-1, *logits.shape[-2:])
-    inner = count_true(flat > mask_threshold + offset)
-    outer = count_true(flat > mask_threshold - offset)
+    inner = count_true(above(flat, mask_threshold + offset))
+    outer = count_true(above(flat, mask_threshold - offset))
     return (inner.float() / outer.float()).reshape(lead)
 
 
@@ -87,8 +100,10 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     height, width = masks.shape[-2:]
     if masks.numel() == 0:
         return torch.zeros(*masks.shape[:-2], 4, dtype=torch.int64, device=masks.device)
-    rows = masks.any(-1)  # (..., H)
-    cols = masks.any(-2)  # (..., W)
+    if _numpy_usable(masks) and masks.dtype == torch.bool:  # numpy's any: ~10-40x faster here on (16, 512, 512)
+        rows, cols = torch.from_numpy(masks.numpy().any(-1)), torch.from_numpy(masks.numpy().any(-2))
+    else:
+        rows, cols = masks.any(-1), masks.any(-2)  # (..., H), (..., W)
     ys = torch.arange(height, device=masks.device)
     xs = torch.arange(width, device=masks.device)
     bottom = torch.where(rows, ys, -1).amax(-1)
@@ -191,20 +206,28 @@ def upsample_bands(rows: torch.Tensor, cols: torch.Tensor) -> tuple[list, list]:
 
 
 def upsample_logits(
-    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, bands: tuple[list, list] | None = None
+    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, bands: tuple[list, list] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(N, h, w) low-res logits -> (N, H, W) float32 with the matrices of :func:`postprocess_matrices` (and their
-    :func:`upsample_bands`, computed here when not given).
+    """(N, h, w) low-res logits -> (N, H, W) in ``dtype`` with the matrices of :func:`postprocess_matrices` (and
+    their :func:`upsample_bands`, computed here when not given).
 
     Both products run band by band: each block of output rows (columns) multiplies only the low-res rows (columns)
     its weights touch, skipping the zeros of the banded matrices and the low-res cells that only feed the cropped-away
-    padding (2.3x faster than the dense products for 256 -> 512: 0.64 against 1.5 ms per mask)."""
+    padding (2.3x faster than the dense products for 256 -> 512: 0.64 against 1.5 ms per mask).
+
+    ``dtype``: float32 (the default, whatever the logits' dtype), or ``torch.bfloat16``: the products in bf16 (fp32
+    accumulation, the interpolation weights and the column pass rounded to bf16), ~3x faster here (48 masks 256 ->
+    512: 0.20 against 0.59 ms per mask) for the automatic mask generator's bf16 mode; compare the result with
+    :func:`exact_threshold`."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
     row_bands, col_bands = upsample_bands(rows, cols) if bands is None else bands
     if row_bands[-1][1] != rows.shape[0] or col_bands[-1][1] != cols.shape[0]:
         raise ValueError(f"bands: cover {row_bands[-1][1]} x {col_bands[-1][1]} output pixels, the matrices "
                          f"{rows.shape[0]} x {cols.shape[0]}: pass upsample_bands(rows, cols) of these matrices")
-    low = logits.float()
-    rows, cols = rows.to(low.device), cols.to(low.device)
+    low = logits.to(dtype)
+    rows, cols = rows.to(low.device, dtype), cols.to(low.device, dtype)
     count, height, width = low.shape[0], rows.shape[0], cols.shape[0]
     wide = low.new_empty(count, low.shape[1], width)  # (N, h, W), every column written below
     for start, stop, first, end in col_bands:
@@ -217,21 +240,56 @@ def upsample_logits(
     return out
 
 
+def _numpy_usable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` may go through numpy: on the CPU and not being traced, compiled or exported (numpy would be
+    frozen into the graph)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)() or torch.onnx.is_in_onnx_export()
+    traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting
+    return not traced and tensor.device.type == "cpu"
+
+
 def count_true(masks: torch.Tensor) -> torch.Tensor:
     """Number of True pixels per mask, (N, ...) boolean -> (N,) int64; on CPU through numpy's bit counting, several
     times faster than summing booleans in torch."""
-    # numpy would be frozen into a traced / exported graph
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)() or torch.onnx.is_in_onnx_export()
-    traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting
-    if traced or masks.device.type != "cpu" or not hasattr(np, "bitwise_count"):
+    if not _numpy_usable(masks) or not hasattr(np, "bitwise_count"):
         return masks.flatten(1).sum(1)
     packed = np.packbits(masks.reshape(masks.shape[0], -1).numpy(), axis=1)
     return torch.from_numpy(np.bitwise_count(packed).sum(1, dtype=np.int64))
 
 
+# bf16 bit patterns as int16: +inf; above it the NaNs with the sign bit clear
+_BF16_POSITIVE_INF = 0x7F80
+
+
+def above(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``values > threshold`` (boolean, same shape), bf16/fp16 values compared exactly (:func:`exact_threshold`).
+
+    On the CPU, float32 and bf16 go through numpy, whose comparison kernels are much faster here than torch's (16 x
+    512 x 512 values, 1 thread: float32 0.7 against 1.9 ms; bf16, compared as int16 bit patterns, 0.15 against 3.5
+    ms) and round the threshold to float32 as torch does; the result shares numpy's memory."""
+    if not _numpy_usable(values) or values.dtype not in (torch.float32, torch.bfloat16):
+        return values > exact_threshold(threshold, values.dtype)
+    if values.dtype == torch.float32:
+        return torch.from_numpy(values.numpy() > np.float32(threshold))
+    # bf16: the bit patterns as int16 order the non-negative values as numbers (+0 lowest) and the negative ones
+    # in reverse (-0 lowest), with the NaNs past the infinities at each end
+    cut = exact_threshold(threshold, torch.bfloat16)
+    key = int(torch.tensor(cut, dtype=torch.bfloat16).view(torch.int16))
+    bits = values.view(torch.int16).numpy()
+    finite_or_inf = bits <= _BF16_POSITIVE_INF  # the positive NaNs excluded (negative ones are excluded below)
+    if cut >= 0:  # -0.0 compares as +0.0: no negative value lies above it
+        return torch.from_numpy((bits > max(key, 0)) & finite_or_inf)
+    # above a negative cut: every non-negative value and the negative ones of smaller magnitude (smaller int16)
+    return torch.from_numpy(((bits >= 0) & finite_or_inf) | (bits < key))
+
+
 def boxes_from_logits(logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``masks_to_boxes(logits > threshold)`` for (N, H, W) logits, from row/column maxima (no boolean pass)."""
+    """``masks_to_boxes(above(logits, threshold))`` for (N, H, W) logits; off the CPU from row/column maxima (no
+    boolean pass)."""
+    if _numpy_usable(logits) and logits.dtype in (torch.float32, torch.bfloat16):
+        return masks_to_boxes(above(logits, threshold))
     height, width = logits.shape[-2:]
+    threshold = exact_threshold(threshold, logits.dtype)
     rows = logits.amax(-1) > threshold  # (N, H)
     cols = logits.amax(-2) > threshold  # (N, W)
     ys, xs = torch.arange(height, device=logits.device), torch.arange(width, device=logits.device)
@@ -370,7 +428,7 @@ def filter_masks(
     if stability_score_thresh > 0.0:
         keep = stability_score(masks, mask_threshold, stability_score_offset) > stability_score_thresh
         masks, iou_scores = masks[keep], iou_scores[keep]
-    binary = masks > mask_threshold
+    binary = masks > exact_threshold(mask_threshold, masks.dtype)
     boxes = masks_to_boxes(binary)
     crop = [int(v) for v in cropped_box_image]
     keep = ~is_box_near_crop_edge(boxes, crop, [0, 0, original_width, original_height])
