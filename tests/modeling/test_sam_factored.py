@@ -14,15 +14,24 @@ from common.sam_decoder import DIM, GRID, MASK, assert_outputs_close, decode, pr
 
 from hf_vl.modeling import modeling_hf_vl_sam_decoder as decoder_module
 from hf_vl.modeling import modeling_hf_vl_sam_factored as factored_module
-from hf_vl.modeling.modeling_hf_vl_sam_factored import FactoredImage, FactoredStates, ImageFactors, factorable
+from hf_vl.modeling.modeling_hf_vl_sam_factored import (
+    FactoredImage,
+    FactoredStates,
+    ImageFactors,
+    factorable,
+    layer_rstd,
+    mixed_values,
+)
 
 F64 = dict(atol=1e-10, rtol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------ the algebra
-def random_chain(groups: int, per: int, depth: int, length: int = 30, hidden: int = 12, width: int = 5):
-    """E (groups, length, hidden), a grid encoding, ``depth`` random LayerNorms and factors, and the states
-    computed directly, float64: (image side, factors, states (rows, length, hidden), grid encoding)."""
+def random_chain(groups: int, per: int, depth: int, length: int = 30, hidden: int = 12, heads: int = 2,
+                 tokens: int = 3):  # fmt: skip
+    """E (groups, length, hidden), a grid encoding, ``depth`` random LayerNorms and factors (token values through a
+    random ``out_proj``, as the decoder makes them), and the states computed directly, float64: (image side,
+    factors, states (rows, length, hidden), grid encoding)."""
     generator = torch.Generator().manual_seed(groups * 10 + per + depth)
     rows, f64 = groups * per, torch.float64
     keys = torch.randn(groups, length, hidden, generator=generator, dtype=f64)
@@ -33,14 +42,32 @@ def random_chain(groups: int, per: int, depth: int, length: int = 30, hidden: in
         for norm in norms:
             norm.weight.uniform_(0.5, 1.5, generator=generator)
             norm.bias.normal_(0.0, 0.5, generator=generator)
-            # probabilities as the decoder has them: a transposed view of (rows, width, length)
-            probs = torch.rand(rows, width, length, generator=generator, dtype=f64).softmax(1).transpose(1, 2)
-            mixed = torch.randn(rows, width, hidden, generator=generator, dtype=f64)
+            out_proj = nn.Linear(heads * 3, hidden).double()
+            out_proj.weight.normal_(generator=generator)
+            out_proj.bias.normal_(generator=generator)
+            values = torch.randn(rows, heads, tokens, 3, generator=generator, dtype=f64)
+            # probabilities as the decoder has them: a transposed view of (rows, heads * tokens, length)
+            probs = torch.rand(rows, heads * tokens, length, generator=generator, dtype=f64).softmax(1).transpose(1, 2)
+            mixed = mixed_values(values, out_proj)
             states, _, rstd = torch.native_layer_norm(states + probs @ mixed, (hidden,), norm.weight, norm.bias,
                                                       norm.eps)  # fmt: skip
-            factors.append(ImageFactors(probs, mixed, rstd))
+            factors.append(ImageFactors(probs, mixed, rstd, values, out_proj))
     image = FactoredImage(SimpleNamespace(keys=keys, key_pe=key_pe), norms, {})
     return image, factors, states, key_pe
+
+
+@pytest.mark.parametrize("groups, per", [(1, 1), (1, 3), (2, 1), (2, 3)])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_layer_norm_statistics_from_the_factors(groups, per, depth):
+    """Each layer's reciprocal standard deviations from the factors alone equal those of the states formed."""
+    image, factors, _, _ = random_chain(groups, per, depth)
+    with torch.no_grad():
+        for layer, factor in enumerate(factors):
+            states = FactoredStates(factors[:layer], image) if layer else None
+            ours = layer_rstd(image, states, factor._replace(rstd=None), image.norms[layer])
+            torch.testing.assert_close(ours, factor.rstd, **F64)
+    with pytest.raises(ValueError, match="values and out_proj"):
+        layer_rstd(image, None, factors[0]._replace(values=None), image.norms[0])
 
 
 def linear(out: int, hidden: int = 12, seed: int = 0) -> nn.Linear:
@@ -213,6 +240,9 @@ def test_factored_iou_gate(model, factored):
         "mask_decoder.transformer.layers.1.layer_norm4.bias",
         "mask_decoder.transformer.layers.1.cross_attn_token_to_image.k_proj.weight",
         "mask_decoder.transformer.layers.1.cross_attn_image_to_token.q_proj.bias",
+        # the LayerNorm statistics' per-image products (layer_rstd)
+        "mask_decoder.transformer.layers.0.cross_attn_image_to_token.out_proj.weight",
+        "mask_decoder.transformer.layers.1.cross_attn_image_to_token.out_proj.bias",
         "mask_decoder.transformer.final_attn_token_to_image.v_proj.weight",
         "mask_decoder.upscale_conv1.weight",
         "mask_decoder.upscale_conv1.bias",

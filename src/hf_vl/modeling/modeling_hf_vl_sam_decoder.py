@@ -539,7 +539,8 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
             return _mask_product(hyper_in, upscaled.flatten(1, 2))
         # with factored states the kept rows' image states are not read: no copy of them (4096 x 256 per prompt)
         rows = keep.any(-1).nonzero().flatten()
-        out = hyper_in.new_full((*hyper_in.shape[:2], image_states.shape[1] * 16), torch.finfo(hyper_in.dtype).min)
+        positions = factored.length if image_states is None else image_states.shape[1]  # h*w
+        out = hyper_in.new_full((*hyper_in.shape[:2], positions * 16), torch.finfo(hyper_in.dtype).min)
         if rows.numel():
             first = self._factored_upscale(factored, rows)
             upscaled = self.upscale(image_states[rows] if first is None else None, first)

@@ -18,7 +18,8 @@ prompt, a (h*w, K) x (K, out) product, K = d * heads * tokens + d - 1 (113 for v
 instead of a (h*w, hidden) x (hidden, out) one. The cross-attentions after the first layer and the first upscaling
 read the prompts' states only through such maps, so they never project or even add the h*w positions per prompt:
 scores and mixtures contract the few query rows with the factors instead (:meth:`FactoredStates.scores`,
-:meth:`FactoredStates.mix`).
+:meth:`FactoredStates.mix`). The r_l themselves come from the factors too (:func:`layer_rstd`: squared row norms as
+quadratic forms of the factors), so no prompt's (h*w, hidden) states are ever formed.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import torch
 from torch import nn
 
 # One two-way layer's image->token update: probs (rows, h*w, k) (any strides), mixed (rows, k, hidden), rstd (rows,
-# h*w, 1): the reciprocal standard deviations of its LayerNorm's rows (``torch.native_layer_norm``)
-ImageFactors = namedtuple("ImageFactors", ["probs", "mixed", "rstd"])
+# h*w, 1): the reciprocal standard deviations of its LayerNorm's rows; values (rows, heads, tokens, head_dim) and
+# out_proj (an nn.Linear), which make ``mixed`` (:func:`mixed_values`), when known: :func:`layer_rstd` needs them
+ImageFactors = namedtuple("ImageFactors", ["probs", "mixed", "rstd", "values", "out_proj"], defaults=(None, None))
 
 # the factored path is taken while layers * heads * tokens (the factors' width) is below FACTOR_BELOW * hidden (vit_b,
 # one point: 2 * 8 * 7 = 112 < 256): a wider K costs more than the projections it replaces
@@ -71,6 +73,20 @@ def factorable(norms: list[nn.LayerNorm], heads: int, tokens: int, rows: int) ->
     if any(norm.weight is None or norm.bias is None for norm in norms):
         return False
     return len(norms) * heads * tokens < FACTOR_BELOW * norms[0].normalized_shape[0]
+
+
+def mixed_values(values: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor:
+    """The token values through ``out_proj``, per head: X (rows, heads * tokens, hidden) with rows h * tokens + t =
+    V_h[t] W_h^T, W_h head h's columns of ``out_proj.weight``, and the bias in head 0's rows (image->token
+    probabilities sum to one over each head's tokens, so it is added once per position). values (rows, heads,
+    tokens, head_dim)."""
+    rows, heads, _, head_dim = values.shape
+    hidden = out_proj.weight.shape[0]
+    # (rows, heads, tokens, d) @ (heads, d, hidden): out_proj.weight is (hidden, heads * d)
+    mixed = torch.matmul(values, out_proj.weight.view(hidden, heads, head_dim).permute(1, 2, 0))
+    if out_proj.bias is not None:
+        mixed = torch.cat([mixed[:, :1] + out_proj.bias, mixed[:, 1:]], dim=1)
+    return mixed.view(rows, -1, hidden)
 
 
 class FactoredImage:
@@ -158,7 +174,9 @@ class FactoredStates:
     def select(self, rows: torch.Tensor) -> FactoredStates:
         """The states of the prompt ``rows`` only, for :meth:`linear` (:meth:`scores` and :meth:`mix` take an
         image's prompts together and need rows as groups x consecutive prompts)."""
-        factors = [ImageFactors(*(t[rows] for t in factor)) for factor in self.factors]
+        factors = [factor._replace(probs=factor.probs[rows], mixed=factor.mixed[rows], rstd=factor.rstd[rows],
+                                   values=None if factor.values is None else factor.values[rows])
+                   for factor in self.factors]  # fmt: skip
         return FactoredStates(factors, self.image, rows // (self.rows // self.groups),
                               [scale[rows] for scale in self.scales], self.left[rows])  # fmt: skip
 
@@ -230,4 +248,104 @@ class FactoredStates:
         return low.add_(self._constant(maps, linear.bias).view(heads, 1, -1))
 
 
-__all__ = ["FactoredImage", "FactoredStates", "ImageFactors", "factorable", "memory_key", "norm_chain"]
+def _norm_products(image: FactoredImage, outputs: list[nn.Linear]) -> tuple:
+    """The per-image side of :func:`layer_rstd` for layer ``l = len(outputs) - 1`` (``outputs``: the layers'
+    ``out_proj``, layer 0 first). With B_0..B_l the maps of the centring C after l LayerNorms (:func:`norm_chain`,
+    B_l = C) and A = E B_0: (maps, [A B_m^T W_m], [A B_m^T b_m], [A B_{m+1}^T beta_m], c = beta_{l-1} C), W_m / b_m
+    layer m's ``out_proj`` weight / bias (what the prompts' rows of R dot with A), in E's dtype, and the squared row
+    norms of A, A c^T and |c|^2 in fp32 or wider (summed with the per-prompt terms there)."""
+    depth, keys = len(outputs) - 1, image.keys
+    params = tuple(p for linear in outputs for p in (linear.weight, linear.bias) if p is not None)
+
+    def compute():
+        hidden = keys.shape[-1]
+        wide = torch.promote_types(keys.dtype, torch.float32)
+        centre = torch.eye(hidden, dtype=wide, device=keys.device) - 1.0 / hidden
+        maps = [m.to(wide) for m in norm_chain(image.norms[:depth], centre)]
+        base = keys.to(wide) @ maps[0]  # A (groups, h*w, hidden)
+        weights = [base @ (maps[m].T @ linear.weight.to(wide)) for m, linear in enumerate(outputs)]
+        biases = [None if linear.bias is None else base @ (maps[m].T @ linear.bias.to(wide))
+                  for m, linear in enumerate(outputs)]  # fmt: skip
+        betas = [base @ (maps[m + 1].T @ image.norms[m].bias.to(wide)) for m in range(depth - 1)]
+        constant = image.norms[depth - 1].bias.to(wide) @ maps[depth] if depth else None
+        wide_terms = ((base * base).sum(-1), None if constant is None else base @ constant,
+                      None if constant is None else (constant * constant).sum())  # fmt: skip
+        return (*(_cast(item, keys.dtype) for item in (maps, weights, biases, betas, constant)), *wide_terms)
+
+    return image._cached(("norm", depth), params, compute)
+
+
+def _cast(item, dtype: torch.dtype):
+    """Tensors (in lists, nested) to ``dtype``; None as is."""
+    if isinstance(item, (list, tuple)):
+        return type(item)(_cast(x, dtype) for x in item)
+    return None if item is None else item.to(dtype)
+
+
+def _dot_rows(values: torch.Tensor, product: torch.Tensor, bias, out: torch.Tensor) -> None:
+    """out (rows, heads * tokens, h*w) = :func:`mixed_values`'s rows (V_h W_h^T, + b in head 0's) dotted with the
+    per-image A at every position, given ``product`` = A W (groups, h*w, heads * d) and ``bias`` = A b (groups,
+    h*w) or None; rows are groups x consecutive prompts."""
+    rows, heads, tokens, head_dim = values.shape
+    groups, length = product.shape[:2]
+    per = rows // groups
+    # (groups, per, heads, tokens, d) -> (groups, heads, per * tokens, d) x (groups, heads, d, h*w)
+    grouped = values.view(groups, per, heads, tokens, head_dim).transpose(1, 2).reshape(groups, heads, -1, head_dim)
+    keys = product.view(groups, length, heads, head_dim).permute(0, 2, 3, 1)
+    view = out.view(groups, per, heads, tokens, length).transpose(1, 2)  # (groups, heads, per, tokens, h*w)
+    view.copy_(torch.matmul(grouped, keys).view(view.shape))
+    if bias is not None:
+        out.view(groups, per, heads * tokens, length)[:, :, :tokens] += bias[:, None, None]
+
+
+def layer_rstd(image: FactoredImage, states: FactoredStates | None, pending: ImageFactors,
+               norm: nn.LayerNorm) -> torch.Tensor:  # fmt: skip
+    """The reciprocal standard deviations (rows, h*w, 1) of layer l's LayerNorm input z = s + P X, computed from the
+    factors without forming z: s the states after the layers before (``states``, None for l = 0: s = E), P X the
+    ``pending`` update (its ``values`` and ``out_proj`` given, ``rstd`` not yet).
+
+    Centred, u = z C = S * A + L R + c per row (A = E B_0 per image, S = S_0, L = [left of ``states`` | P], R = [its
+    right factor for C; X C], c = beta_{l-1} C; l = 0: S = 1, A = E C, L = P, R = X C, c = 0), so
+    ||u||^2 = S^2 |A|^2 + 2 S A c^T + |c|^2 + <L, 2 R c^T + 2 S (R A^T) + (R R^T) L> summed over L's columns. R A^T
+    never takes a (h*w, hidden) product per prompt: R's rows are token values through ``out_proj`` (per head
+    V_h W_h^T) or fixed vectors, and A times those maps is per image (:func:`_norm_products`)."""
+    factors = [] if states is None else states.factors
+    outputs = [factor.out_proj for factor in factors] + [pending.out_proj]
+    if any(linear is None for linear in outputs) or any(f.values is None for f in factors) or pending.values is None:
+        raise ValueError("layer_rstd needs every layer's values and out_proj in its ImageFactors")
+    maps, weights, biases, betas, constant, squares, cross, constant_square = _norm_products(image, outputs)
+    probs = pending.probs.transpose(1, 2)  # (rows, k, h*w)
+    rows, width, length = probs.shape
+    right = pending.mixed - pending.mixed.mean(-1, keepdim=True)  # X C
+    left = probs if states is None else torch.cat([states.left, probs], dim=1)  # (rows, K, h*w)
+    if states is not None:
+        right = torch.cat([states._rights(maps), right], dim=1)  # (rows, K, hidden)
+    # <L, (R R^T) L + 2 S (R A^T) + 2 R c^T>
+    # R A^T (rows, K, h*w), block by block in R's order: the layers' X_m B_m, the beta rows, then X C
+    dots, groups, start = torch.empty_like(left), image.keys.shape[0], 0
+    for factor, weight, bias in zip(factors, weights, biases):
+        _dot_rows(factor.values, weight, bias, dots[:, start : start + factor.mixed.shape[1]])
+        start += factor.mixed.shape[1]
+    for beta in betas:  # (groups, h*w) -> each prompt's row
+        dots.view(groups, -1, *dots.shape[1:])[:, :, start] = beta[:, None]
+        start += 1
+    _dot_rows(pending.values, weights[-1], biases[-1], dots[:, start:])
+    scale = None if states is None else states.scales[0].transpose(1, 2)  # S (rows, 1, h*w)
+    mixed = torch.bmm(torch.bmm(right, right.transpose(1, 2)), left)
+    mixed.add_(dots if scale is None else dots * scale, alpha=2)
+    if constant is not None:
+        mixed += 2 * (right @ constant)[..., None]
+    wide = torch.promote_types(left.dtype, torch.float32)  # the sum of the terms in fp32 or wider
+    total = torch.linalg.vecdot(left, mixed, dim=1).to(wide)  # (rows, h*w)
+    grouped = total.view(groups, -1, length)  # the per-image terms, broadcast over each image's prompts
+    if scale is None:
+        grouped += squares[:, None]
+    else:
+        s = scale.to(wide).view(groups, -1, length)
+        grouped += s * s * squares[:, None] + 2 * s * cross[:, None] + constant_square
+    rstd = (total / norm.normalized_shape[0] + norm.eps).clamp_min(norm.eps).rsqrt()
+    return rstd.to(pending.mixed.dtype)[..., None]
+
+
+__all__ = ["FactoredImage", "FactoredStates", "ImageFactors", "factorable", "memory_key", "mixed_values",
+           "norm_chain", "layer_rstd"]

@@ -16,7 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig
 from .hf_vl_attention import HfVlAttention, eager_attention_forward
 from .hf_vl_mlp import HfVlMlp, can_fuse_linear, can_fuse_residual, fused_linear
-from .modeling_hf_vl_sam_factored import FactoredImage, FactoredStates, ImageFactors
+from .modeling_hf_vl_sam_factored import FactoredImage, FactoredStates, ImageFactors, layer_rstd, mixed_values
 
 # The first two-way layer's image-side work: states ``keys`` (groups, h*w, hidden), grid encoding ``key_pe`` (1, h*w,
 # hidden), keys_pe = keys + key_pe; token->image key, value, image->token query projections (groups, heads, h*w, d)
@@ -193,31 +193,31 @@ def _image_to_token_logits(
 
 
 def _low_rank_attention(
-    attention: HfVlAttention, logits: torch.Tensor, value: torch.Tensor, residual: torch.Tensor,
+    attention: HfVlAttention, logits: torch.Tensor, value: torch.Tensor, residual: torch.Tensor | None,
     factors: list | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Image -> token attention, ``out_proj`` and residual, through the value rows: each image position's output is,
     per head h, a convex combination of the prompt's few token values, so ``out_proj(concat_h(A_h V_h)) = sum_h A_h
     (V_h W_h^T) + b`` with W_h head h's columns of ``out_proj.weight``: one (h*w, heads * tokens) x (heads * tokens,
     hidden) product instead of the (h*w, inner) x (inner, hidden) projection; the same sums, reassociated.
 
     logits (groups, heads, per * tokens, h*w) (:func:`_image_to_token_logits`); value (rows, heads, tokens,
-    head_dim), rows = groups * per prompts; residual (groups, h*w, hidden). Returns (rows, h*w, hidden); appends
-    (probabilities (rows, h*w, heads * tokens), token values (rows, heads * tokens, hidden)) to ``factors`` when given
-    (:mod:`.modeling_hf_vl_sam_factored`)."""
+    head_dim), rows = groups * per prompts; residual (groups, h*w, hidden). Returns (rows, h*w, hidden); with
+    ``factors`` (:mod:`.modeling_hf_vl_sam_factored`) appends the update instead (probabilities (rows, h*w, heads *
+    tokens), token values through ``out_proj`` (rows, heads * tokens, hidden), ``value`` and ``out_proj``; no
+    ``rstd`` yet) and returns None: the states are never formed, ``residual`` is not read."""
     rows, heads, tokens, head_dim = value.shape
-    groups, length, hidden = residual.shape
+    groups, length = logits.shape[0], logits.shape[-1]
     per = rows // groups
     probs = _softmax(logits.view(groups, heads, per, tokens, length), -2)
     # (groups, heads, per, tokens, h*w) -> (rows, heads * tokens, h*w) (a view for one prompt per group, else a copy
     # of whole h*w rows) -> (rows, h*w, heads * tokens), transposed: the GEMM reads it as is
     probs = probs.transpose(1, 2).reshape(rows, heads * tokens, length).transpose(1, 2)
-    # V_h W_h^T: (rows, heads, tokens, d) @ (heads, d, hidden); out_proj.weight (hidden, heads * d)
-    mixed = torch.matmul(value, attention.out_proj.weight.view(hidden, heads, head_dim).permute(1, 2, 0))
-    # each head's probabilities sum to one: the bias added to head 0's rows is added once per position
-    mixed = torch.cat([mixed[:, :1] + attention.out_proj.bias, mixed[:, 1:]], dim=1).view(rows, -1, hidden)
+    mixed = mixed_values(value, attention.out_proj)  # V_h W_h^T per head, the bias in head 0's rows
     if factors is not None:
-        factors.append((probs, mixed))
+        factors.append(ImageFactors(probs, mixed, None, value, attention.out_proj))
+        return None
+    hidden = mixed.shape[-1]
     if groups in (1, rows):
         return torch.baddbmm(residual, probs, mixed)
     # (rows, h*w, hidden) + (groups, 1, h*w, hidden) broadcast over each image's prompts
@@ -238,13 +238,14 @@ def _image_to_token(
     projection is folded into the token keys instead (:func:`_image_to_token_logits`). ``factors``: see
     :func:`_low_rank_attention` (inference only); ``factored``: the keys (rows of them) in factored form, which the
     logits then read instead of ``keys_pe`` (inference only)."""
-    rows, groups = queries.shape[0], keys.shape[0]
-    per, length, hidden = rows // groups, keys.shape[1], keys.shape[2]
-    fast = _fast_path(attention, keys if keys_pe is None else keys_pe, queries, queries_pe)
+    fast = _fast_path(attention, queries_pe if factored is not None else keys if keys_pe is None else keys_pe,
+                      queries, queries_pe)  # fmt: skip
     if factored is not None:
         key = _project(attention, "k", queries_pe, fast) * attention.scaling
         logits = factored.scores(attention.q_proj, attention.num_heads, key, constant=True)
         return _low_rank_attention(attention, logits, _project(attention, "v", queries, fast), keys, factors)
+    rows, groups = queries.shape[0], keys.shape[0]
+    per, length, hidden = rows // groups, keys.shape[1], keys.shape[2]
     if query is None and not _folds(attention, per * queries.shape[1]):
         query = _project(attention, "q", keys_pe, fast)  # (groups, heads, h*w, head_dim)
     key, value = _project(attention, "k", queries_pe, fast), _project(attention, "v", queries, fast)
@@ -287,8 +288,9 @@ class HfVlSamTwoWayLayer(nn.Module):
         (consecutive rows are prompts of one image state); key_pe broadcastable to keys; ``image``: the image-side
         projections of these keys (:meth:`project_image`), or None. Returns queries and the image states, (rows,
         h*w, hidden). ``factors`` (inference only): this layer's image-state update is appended to it
-        (:class:`.modeling_hf_vl_sam_factored.ImageFactors`); ``factored`` (inference only): ``keys`` in factored
-        form, which the cross-attentions then read instead (``keys`` is still the residual)."""
+        (:class:`.modeling_hf_vl_sam_factored.ImageFactors`, without ``rstd``) and the states are not formed (None
+        is returned for them); ``factored`` (inference only): the states in factored form, which the
+        cross-attentions then read (``keys`` is not read then and may be None)."""
         if self.skip_first_layer_pe:
             queries, _ = self.self_attn(queries, **kwargs)
         else:
@@ -304,12 +306,8 @@ class HfVlSamTwoWayLayer(nn.Module):
         queries = self.layer_norm3(self.mlp(queries, residual=queries))
         keys = _image_to_token(self.cross_attn_image_to_token, keys, keys_pe, queries, queries + query_pe,
                                None if image is None else image.query, factors, factored, **kwargs)  # fmt: skip
-        if factors is None:
-            return queries, self.layer_norm4(keys)
-        norm = self.layer_norm4
-        keys, _, rstd = torch.native_layer_norm(keys, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        factors.append(ImageFactors(*factors.pop(), rstd))
-        return queries, keys
+        # with factors the image states are not formed (None): the transformer completes the update's factors
+        return queries, self.layer_norm4(keys) if factors is None else None
 
     def project_image(self, keys: torch.Tensor, key_pe: torch.Tensor) -> _ImageProjections:
         """The image-side projections of :meth:`forward` for keys (groups, h*w, hidden), key_pe (1, h*w, hidden)."""
@@ -349,8 +347,10 @@ class HfVlSamTwoWayTransformer(nn.Module):
         independent, runs only for them (the decoder needs the IoU and mask tokens, never the prompt tokens).
         Returns tokens (rows, len(output_tokens) or tokens, hidden) and image states (rows, h*w, hidden).
         ``factored`` (inference only, with ``image``): the image side of the factored states
-        (:mod:`.modeling_hf_vl_sam_factored`); the layers after the first and the final attention then read the
-        prompts' states through their factors, and ``factored.final`` receives the final states in that form."""
+        (:mod:`.modeling_hf_vl_sam_factored`); the prompts' states are then never formed: each layer's LayerNorm
+        statistics come from the factors (:func:`.modeling_hf_vl_sam_factored.layer_rstd`), the layers after the
+        first and the final attention read the states through them, ``factored.final`` receives the final states
+        in that form and None is returned for the image states."""
         if image is None:
             # (groups, hidden, h, w) -> (groups, h*w, hidden)
             keys, key_pe = image_embeddings.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
@@ -364,6 +364,8 @@ class HfVlSamTwoWayTransformer(nn.Module):
             states = FactoredStates(factors, factored) if factors else None  # the layers so far, factored
             queries, keys = layer(queries, keys, tokens, key_pe, image if index == 0 else None, factors, states,
                                   **kwargs)  # fmt: skip
+            if factors is not None:  # the LayerNorm's statistics of the states, from the factors
+                factors[-1] = factors[-1]._replace(rstd=layer_rstd(factored, states, factors[-1], layer.layer_norm4))
         if output_tokens is not None:  # (rows, tokens, hidden) -> (rows, len(output_tokens), hidden)
             queries, tokens = queries[:, output_tokens], tokens[:, output_tokens]
         if factored is not None:
@@ -372,7 +374,7 @@ class HfVlSamTwoWayTransformer(nn.Module):
                                       factored=factored.final)  # fmt: skip
         else:
             queries = _token_to_image(self.final_attn_token_to_image, queries, tokens, keys, keys + key_pe, **kwargs)
-        if keys.shape[0] != rows:  # no two-way layers: the image states were never expanded per prompt
+        if keys is not None and keys.shape[0] != rows:  # no layers: the image states were never expanded per prompt
             keys = keys.repeat_interleave(rows // keys.shape[0], dim=0)
         return self.final_layer_norm(queries), keys
 
