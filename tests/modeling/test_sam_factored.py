@@ -167,6 +167,26 @@ def test_factored_decode_equals_the_reference(model, factored, attn, batch, per)
     assert len(factored) == 4
 
 
+@pytest.mark.parametrize("from_factors", [True, False])
+def test_factored_decode_with_statistics_from_factors_or_formed_states(model, factored, monkeypatch, from_factors):
+    """fp32 takes the LayerNorm statistics from the factors and never forms the states (the transformer returns
+    None for them); with STATISTICS_FROM_FACTORS emptied (as for bf16) it forms them: the same outputs either way."""
+    if not from_factors:
+        monkeypatch.setattr(factored_module, "STATISTICS_FROM_FACTORS", ())
+    returned, forward = [], type(model.mask_decoder.transformer).forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        returned.append(out[1])
+        return out
+
+    monkeypatch.setattr(type(model.mask_decoder.transformer), "forward", spy)
+    embeddings, inputs = random_embeddings(2), prompts(2, 3)
+    assert_outputs_close(decode(model, embeddings, **inputs), reference(model, embeddings, **inputs))
+    assert len(factored) == 1
+    assert (returned[0] is None) == from_factors
+
+
 def test_factored_decode_with_boxes_and_one_image_repeated(model, factored):
     embeddings = random_embeddings(1)
     boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [10.0, 2.0, 60.0, 30.0], [0.0, 0.0, 63.0, 63.0]])

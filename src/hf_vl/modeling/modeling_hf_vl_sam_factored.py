@@ -19,7 +19,8 @@ instead of a (h*w, hidden) x (hidden, out) one. The cross-attentions after the f
 read the prompts' states only through such maps, so they never project or even add the h*w positions per prompt:
 scores and mixtures contract the few query rows with the factors instead (:meth:`FactoredStates.scores`,
 :meth:`FactoredStates.mix`). The r_l themselves come from the factors too (:func:`layer_rstd`: squared row norms as
-quadratic forms of the factors), so no prompt's (h*w, hidden) states are ever formed.
+quadratic forms of the factors), so no prompt's (h*w, hidden) states are ever formed (fp32 and wider:
+:data:`STATISTICS_FROM_FACTORS`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ FACTOR_BELOW = 1.0
 # 64 points (chunks of 2 fp32 / 4 bf16 prompts) fp32 19.61 -> 16.81, bf16 11.68 -> 10.78; one point fp32 20.56 ->
 # 20.96, bf16 13.51 -> 14.83: one prompt's products are too small for the factored ones to beat oneDNN's folded ones
 FACTOR_MIN_ROWS = 2
+
+
+# dtypes whose LayerNorm statistics come from the factors (layer_rstd) rather than from the states formed. Automatic
+# masks, vit_b, 32x32 grid, in-process paired runs against forming them (2 decode workers of 1 thread): fp32 1.09x
+# (23.8 against 25.0 s), bf16 0.94x (16.1 against 15.2 s): in bf16 forming (4096 x 256) states and a LayerNorm is
+# cheap next to the Gram products (K ~ 112) and the passes over (K, 4096) terms that replace it
+STATISTICS_FROM_FACTORS = (torch.float32, torch.float64)
+
+
+def statistics_from_factors(dtype: torch.dtype) -> bool:
+    """Whether the factored decoder takes its LayerNorm statistics from the factors for states of ``dtype``."""
+    return dtype in STATISTICS_FROM_FACTORS
 
 
 def memory_key(tensor: torch.Tensor) -> tuple:
@@ -348,4 +361,4 @@ def layer_rstd(image: FactoredImage, states: FactoredStates | None, pending: Ima
 
 
 __all__ = ["FactoredImage", "FactoredStates", "ImageFactors", "factorable", "memory_key", "mixed_values",
-           "norm_chain", "layer_rstd"]
+           "norm_chain", "layer_rstd", "statistics_from_factors"]

@@ -16,7 +16,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_hf_vl_sam import HfVlSamMaskDecoderConfig
 from .hf_vl_attention import HfVlAttention, eager_attention_forward
 from .hf_vl_mlp import HfVlMlp, can_fuse_linear, can_fuse_residual, fused_linear
-from .modeling_hf_vl_sam_factored import FactoredImage, FactoredStates, ImageFactors, layer_rstd, mixed_values
+from .modeling_hf_vl_sam_factored import (
+    FactoredImage,
+    FactoredStates,
+    ImageFactors,
+    layer_rstd,
+    mixed_values,
+    statistics_from_factors,
+)
 
 # The first two-way layer's image-side work: states ``keys`` (groups, h*w, hidden), grid encoding ``key_pe`` (1, h*w,
 # hidden), keys_pe = keys + key_pe; token->image key, value, image->token query projections (groups, heads, h*w, d)
@@ -194,7 +201,7 @@ def _image_to_token_logits(
 
 def _low_rank_attention(
     attention: HfVlAttention, logits: torch.Tensor, value: torch.Tensor, residual: torch.Tensor | None,
-    factors: list | None = None,
+    factors: list | None = None, form: bool = True,
 ) -> torch.Tensor | None:
     """Image -> token attention, ``out_proj`` and residual, through the value rows: each image position's output is,
     per head h, a convex combination of the prompt's few token values, so ``out_proj(concat_h(A_h V_h)) = sum_h A_h
@@ -202,10 +209,10 @@ def _low_rank_attention(
     hidden) product instead of the (h*w, inner) x (inner, hidden) projection; the same sums, reassociated.
 
     logits (groups, heads, per * tokens, h*w) (:func:`_image_to_token_logits`); value (rows, heads, tokens,
-    head_dim), rows = groups * per prompts; residual (groups, h*w, hidden). Returns (rows, h*w, hidden); with
-    ``factors`` (:mod:`.modeling_hf_vl_sam_factored`) appends the update instead (probabilities (rows, h*w, heads *
+    head_dim), rows = groups * per prompts; residual (groups, h*w, hidden). Returns (rows, h*w, hidden). With
+    ``factors`` (:mod:`.modeling_hf_vl_sam_factored`) also appends the update (probabilities (rows, h*w, heads *
     tokens), token values through ``out_proj`` (rows, heads * tokens, hidden), ``value`` and ``out_proj``; no
-    ``rstd`` yet) and returns None: the states are never formed, ``residual`` is not read."""
+    ``rstd`` yet), and unless ``form`` returns None: the states are not formed, ``residual`` is not read."""
     rows, heads, tokens, head_dim = value.shape
     groups, length = logits.shape[0], logits.shape[-1]
     per = rows // groups
@@ -216,7 +223,8 @@ def _low_rank_attention(
     mixed = mixed_values(value, attention.out_proj)  # V_h W_h^T per head, the bias in head 0's rows
     if factors is not None:
         factors.append(ImageFactors(probs, mixed, None, value, attention.out_proj))
-        return None
+        if not form:
+            return None
     hidden = mixed.shape[-1]
     if groups in (1, rows):
         return torch.baddbmm(residual, probs, mixed)
@@ -227,8 +235,8 @@ def _low_rank_attention(
 def _image_to_token(
     attention: HfVlAttention, keys: torch.Tensor, keys_pe: torch.Tensor, queries: torch.Tensor,
     queries_pe: torch.Tensor, query: torch.Tensor | None = None, factors: list | None = None,
-    factored: FactoredStates | None = None, **kwargs,
-) -> torch.Tensor:
+    factored: FactoredStates | None = None, form: bool = True, **kwargs,
+) -> torch.Tensor | None:
     """Image -> token cross-attention (+ residual) of ``groups`` images' states against rows = groups * per prompts.
 
     keys, keys_pe (groups, h*w, hidden); queries, queries_pe (rows, tokens, hidden); ``query``: the image-side query
@@ -236,14 +244,14 @@ def _image_to_token(
     query projection is computed once per image and shared by its prompts; outside training the output projection
     runs through the token values (:func:`_low_rank_attention`), and in inference with few tokens the query
     projection is folded into the token keys instead (:func:`_image_to_token_logits`). ``factors``: see
-    :func:`_low_rank_attention` (inference only); ``factored``: the keys (rows of them) in factored form, which the
-    logits then read instead of ``keys_pe`` (inference only)."""
+    :func:`_low_rank_attention` (inference only), as is ``form``; ``factored``: the keys (rows of them) in factored
+    form, which the logits then read instead of ``keys_pe`` (inference only)."""
     fast = _fast_path(attention, queries_pe if factored is not None else keys if keys_pe is None else keys_pe,
                       queries, queries_pe)  # fmt: skip
     if factored is not None:
         key = _project(attention, "k", queries_pe, fast) * attention.scaling
         logits = factored.scores(attention.q_proj, attention.num_heads, key, constant=True)
-        return _low_rank_attention(attention, logits, _project(attention, "v", queries, fast), keys, factors)
+        return _low_rank_attention(attention, logits, _project(attention, "v", queries, fast), keys, factors, form)
     rows, groups = queries.shape[0], keys.shape[0]
     per, length, hidden = rows // groups, keys.shape[1], keys.shape[2]
     if query is None and not _folds(attention, per * queries.shape[1]):
@@ -251,7 +259,7 @@ def _image_to_token(
     key, value = _project(attention, "k", queries_pe, fast), _project(attention, "v", queries, fast)
     if not attention.training:  # query None: folded (_image_to_token_logits)
         logits = _image_to_token_logits(attention, query, key, keys_pe)
-        return _low_rank_attention(attention, logits, value, keys, factors)
+        return _low_rank_attention(attention, logits, value, keys, factors, form)
     # (groups, heads, h*w, d) -> (groups, per, heads, h*w, d) -> (rows, heads, h*w, d): one copy, no GEMM per prompt
     query = query[:, None].expand(groups, per, *query.shape[1:]).reshape(rows, *query.shape[1:])
     output = attention.out_proj(_attend(attention, query, key, value, **kwargs))  # (rows, h*w, hidden)
@@ -282,15 +290,16 @@ class HfVlSamTwoWayLayer(nn.Module):
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
         image: _ImageProjections | None = None, factors: list | None = None, factored: FactoredStates | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        form: bool = True, **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """queries, query_pe (rows, tokens, hidden); keys (groups, h*w, hidden) with ``groups`` dividing ``rows``
         (consecutive rows are prompts of one image state); key_pe broadcastable to keys; ``image``: the image-side
         projections of these keys (:meth:`project_image`), or None. Returns queries and the image states, (rows,
         h*w, hidden). ``factors`` (inference only): this layer's image-state update is appended to it
-        (:class:`.modeling_hf_vl_sam_factored.ImageFactors`, without ``rstd``) and the states are not formed (None
-        is returned for them); ``factored`` (inference only): the states in factored form, which the
-        cross-attentions then read (``keys`` is not read then and may be None)."""
+        (:class:`.modeling_hf_vl_sam_factored.ImageFactors`); with ``form`` the states are formed and its ``rstd``
+        set from their LayerNorm, else it is left None and None is returned for the states; ``factored`` (inference
+        only): the states in factored form, which the cross-attentions then read (``keys`` is then only the
+        residual of formed states, and may be None when they are not formed)."""
         if self.skip_first_layer_pe:
             queries, _ = self.self_attn(queries, **kwargs)
         else:
@@ -305,9 +314,16 @@ class HfVlSamTwoWayLayer(nn.Module):
                                                    projected, factored, **kwargs))  # fmt: skip
         queries = self.layer_norm3(self.mlp(queries, residual=queries))
         keys = _image_to_token(self.cross_attn_image_to_token, keys, keys_pe, queries, queries + query_pe,
-                               None if image is None else image.query, factors, factored, **kwargs)  # fmt: skip
-        # with factors the image states are not formed (None): the transformer completes the update's factors
-        return queries, self.layer_norm4(keys) if factors is None else None
+                               None if image is None else image.query, factors, factored, form,
+                               **kwargs)  # fmt: skip
+        if factors is None:
+            return queries, self.layer_norm4(keys)
+        if keys is None:  # not formed: the transformer completes the update's factors (layer_rstd)
+            return queries, None
+        norm = self.layer_norm4
+        keys, _, rstd = torch.native_layer_norm(keys, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        factors[-1] = factors[-1]._replace(rstd=rstd)
+        return queries, keys
 
     def project_image(self, keys: torch.Tensor, key_pe: torch.Tensor) -> _ImageProjections:
         """The image-side projections of :meth:`forward` for keys (groups, h*w, hidden), key_pe (1, h*w, hidden)."""
@@ -347,10 +363,10 @@ class HfVlSamTwoWayTransformer(nn.Module):
         independent, runs only for them (the decoder needs the IoU and mask tokens, never the prompt tokens).
         Returns tokens (rows, len(output_tokens) or tokens, hidden) and image states (rows, h*w, hidden).
         ``factored`` (inference only, with ``image``): the image side of the factored states
-        (:mod:`.modeling_hf_vl_sam_factored`); the prompts' states are then never formed: each layer's LayerNorm
-        statistics come from the factors (:func:`.modeling_hf_vl_sam_factored.layer_rstd`), the layers after the
-        first and the final attention read the states through them, ``factored.final`` receives the final states
-        in that form and None is returned for the image states."""
+        (:mod:`.modeling_hf_vl_sam_factored`); the layers after the first and the final attention then read the
+        prompts' states through their factors and ``factored.final`` receives the final states in that form. Where
+        :func:`.modeling_hf_vl_sam_factored.statistics_from_factors` (fp32 and wider) the states are never formed:
+        each layer's LayerNorm statistics come from the factors (``layer_rstd``) and None is returned for them."""
         if image is None:
             # (groups, hidden, h, w) -> (groups, h*w, hidden)
             keys, key_pe = image_embeddings.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
@@ -360,11 +376,12 @@ class HfVlSamTwoWayTransformer(nn.Module):
         if rows % groups != 0:
             raise ValueError(f"image_embeddings has {groups} images, which does not divide the {rows} prompt rows")
         queries, factors = tokens, None if factored is None else []
+        form = factored is None or not statistics_from_factors(keys.dtype)
         for index, layer in enumerate(self.layers):
             states = FactoredStates(factors, factored) if factors else None  # the layers so far, factored
             queries, keys = layer(queries, keys, tokens, key_pe, image if index == 0 else None, factors, states,
-                                  **kwargs)  # fmt: skip
-            if factors is not None:  # the LayerNorm's statistics of the states, from the factors
+                                  form, **kwargs)  # fmt: skip
+            if not form:  # the LayerNorm's statistics of the states, from the factors
                 factors[-1] = factors[-1]._replace(rstd=layer_rstd(factored, states, factors[-1], layer.layer_norm4))
         if output_tokens is not None:  # (rows, tokens, hidden) -> (rows, len(output_tokens), hidden)
             queries, tokens = queries[:, output_tokens], tokens[:, output_tokens]
