@@ -328,7 +328,7 @@ def layer_rstd(image: FactoredImage, states: FactoredStates | None, pending: Ima
         raise ValueError("layer_rstd needs every layer's values and out_proj in its ImageFactors")
     maps, weights, biases, betas, constant, squares, cross, constant_square = _norm_products(image, outputs)
     probs = pending.probs.transpose(1, 2)  # (rows, k, h*w)
-    rows, width, length = probs.shape
+    length = probs.shape[-1]
     right = pending.mixed - pending.mixed.mean(-1, keepdim=True)  # X C
     left = probs if states is None else torch.cat([states.left, probs], dim=1)  # (rows, K, h*w)
     if states is not None:
