@@ -452,6 +452,40 @@ def test_inference_decodes_prompts_in_chunks_with_the_same_masks(model, embeddin
     torch.testing.assert_close(selected[1], whole[1][:, :, 1:], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_inference_upscales_a_few_rows_at_a_time_with_the_same_masks(model, embeddings, monkeypatch, gated):
+    """Without autograd the upscaling and mask product run ``UPSCALE_PIECE_BYTES`` of upscaled features at a time
+    (the whole chunk's would be 32 MiB for vit_b): one row per piece gives the masks of all rows at once, with and
+    without the IoU gate (which upscales only the rows it keeps)."""
+    import hf_vl.modeling.modeling_hf_vl_sam_decoder as decoder_module
+
+    prompts = tiny_prompts(2)
+    points, labels = prompts["input_points"].repeat(1, 2, 1, 1), prompts["input_labels"].repeat(1, 2, 1)
+    rows = []
+    original = decoder_module.HfVlSamMaskDecoder.upscale
+
+    def spy(self, image_states, first=None):
+        rows.append((image_states if first is None else first).shape[0])
+        return original(self, image_states, first)
+
+    monkeypatch.setattr(decoder_module.HfVlSamMaskDecoder, "upscale", spy)
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points, labels, None, None, 2, 2 * POINT_BATCH)
+        args = (embeddings, model.get_image_positional_embeddings(), sparse, dense)
+        # gated: a threshold between the prompts' best IoU predictions, so some prompts' masks are skipped
+        best = model.mask_decoder.predict_masks(*args)[1].flatten(0, 1).max(-1).values
+        gate = {"mask_iou_threshold": float(best.median()) if gated else None}
+        rows.clear()
+        whole = model.mask_decoder.predict_masks(*args, **gate)
+        kept = int((best > gate["mask_iou_threshold"]).sum()) if gated else 2 * 2 * POINT_BATCH
+        assert 0 < kept and rows == [kept]
+        monkeypatch.setattr(decoder_module, "UPSCALE_PIECE_BYTES", 1)  # one row per piece
+        pieces = model.mask_decoder.predict_masks(*args, **gate)
+    assert rows[1:] == [1] * kept
+    for ours, expected in zip(pieces, whole):
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_final_attention_runs_only_for_the_requested_tokens(model, embeddings):
     """``output_tokens``: the same rows as the full token output (attention rows are independent), fewer of them."""
     transformer = model.mask_decoder.transformer

@@ -81,6 +81,7 @@ NOT_A_POINT_LABEL = -1  # segment-anything's padding point: the learned not-a-po
 # 8 MiB (2 prompts fp32: 25 ms/prompt against 34 ms unchunked; 4 bf16: 11.8 against 19.7 ms); with it (interleaved
 # medians, ms per prompt): fp32 8 / 16 / 24 MiB 16.8 / 14.9 / 14.3, bf16 10.3 / 9.0 / 9.6; unfactored fp32 8 / 16 MiB
 # 20.0 / 19.1
+UPSCALE_PIECE_BYTES = 8 << 20
 DECODE_CHUNK_BYTES = 16 << 20
 
 
@@ -535,16 +536,31 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         value. ``factored``: see :meth:`_factored_upscale`."""
         keep = None if threshold is None else iou.to(torch.promote_types(iou.dtype, torch.float32)) > threshold
         if keep is None or bool(keep.all()):
-            upscaled = self.upscale(image_states, self._factored_upscale(factored))
-            return _mask_product(hyper_in, upscaled.flatten(1, 2))
+            return self._upscaled_products(image_states, hyper_in, self._factored_upscale(factored))
         # with factored states the kept rows' image states are not read: no copy of them (4096 x 256 per prompt)
         rows = keep.any(-1).nonzero().flatten()
         positions = factored.length if image_states is None else image_states.shape[1]  # h*w
         out = hyper_in.new_full((*hyper_in.shape[:2], positions * 16), torch.finfo(hyper_in.dtype).min)
         if rows.numel():
             first = self._factored_upscale(factored, rows)
-            upscaled = self.upscale(image_states[rows] if first is None else None, first)
-            out[rows] = _mask_product(hyper_in[rows], upscaled.flatten(1, 2))
+            out[rows] = self._upscaled_products(image_states[rows] if first is None else None, hyper_in[rows], first)
+        return out
+
+    def _upscaled_products(self, image_states, hyper_in, first=None) -> torch.Tensor:
+        """:meth:`upscale` times the hypernetwork outputs (rows, masks, h*w*16), a few rows at a time at inference
+        (:data:`UPSCALE_PIECE_BYTES`)."""
+        source = image_states if first is None else first
+        rows, positions = source.shape[:2]
+        per_row = positions * 16 * (self.upscale_conv2.out_channels) * source.element_size()
+        piece = max(1, UPSCALE_PIECE_BYTES // per_row)
+        if rows <= piece or torch.is_grad_enabled():
+            return _mask_product(hyper_in, self.upscale(image_states, first).flatten(1, 2))
+        out = hyper_in.new_empty(rows, hyper_in.shape[1], positions * 16)
+        for start in range(0, rows, piece):
+            part = slice(start, start + piece)
+            upscaled = self.upscale(None if image_states is None else image_states[part],
+                                    None if first is None else first[part])  # fmt: skip
+            torch.bmm(hyper_in[part], upscaled.flatten(1, 2).transpose(1, 2), out=out[part])
         return out
 
     def forward(

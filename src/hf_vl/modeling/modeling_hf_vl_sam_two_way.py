@@ -201,7 +201,7 @@ def _image_to_token_logits(
 
 def _low_rank_attention(
     attention: HfVlAttention, logits: torch.Tensor, value: torch.Tensor, residual: torch.Tensor | None,
-    factors: list | None = None, form: bool = True,
+    factors: list | None = None, form: bool = True, in_place: bool = False,
 ) -> torch.Tensor | None:
     """Image -> token attention, ``out_proj`` and residual, through the value rows: each image position's output is,
     per head h, a convex combination of the prompt's few token values, so ``out_proj(concat_h(A_h V_h)) = sum_h A_h
@@ -212,7 +212,8 @@ def _low_rank_attention(
     head_dim), rows = groups * per prompts; residual (groups, h*w, hidden). Returns (rows, h*w, hidden). With
     ``factors`` (:mod:`.modeling_hf_vl_sam_factored`) also appends the update (probabilities (rows, h*w, heads *
     tokens), token values through ``out_proj`` (rows, heads * tokens, hidden), ``value`` and ``out_proj``; no
-    ``rstd`` yet), and unless ``form`` returns None: the states are not formed, ``residual`` is not read."""
+    ``rstd`` yet), and unless ``form`` returns None: the states are not formed, ``residual`` is not read.
+    ``in_place``: ``residual`` is the caller's own fresh (rows, h*w, hidden) tensor, which the states may overwrite."""
     rows, heads, tokens, head_dim = value.shape
     groups, length = logits.shape[0], logits.shape[-1]
     per = rows // groups
@@ -226,6 +227,8 @@ def _low_rank_attention(
         if not form:
             return None
     hidden = mixed.shape[-1]
+    if in_place and residual.shape[0] == rows:  # one 4096 x 256 copy per prompt less
+        return residual.baddbmm_(probs, mixed)
     if groups in (1, rows):
         return torch.baddbmm(residual, probs, mixed)
     # (rows, h*w, hidden) + (groups, 1, h*w, hidden) broadcast over each image's prompts
@@ -251,7 +254,9 @@ def _image_to_token(
     if factored is not None:
         key = _project(attention, "k", queries_pe, fast) * attention.scaling
         logits = factored.scores(attention.q_proj, attention.num_heads, key, constant=True)
-        return _low_rank_attention(attention, logits, _project(attention, "v", queries, fast), keys, factors, form)
+        # keys: the previous layer's formed states (a fresh LayerNorm output), or None when they are not formed
+        return _low_rank_attention(attention, logits, _project(attention, "v", queries, fast), keys, factors, form,
+                                   in_place=True)  # fmt: skip
     rows, groups = queries.shape[0], keys.shape[0]
     per, length, hidden = rows // groups, keys.shape[1], keys.shape[2]
     if query is None and not _folds(attention, per * queries.shape[1]):
