@@ -80,9 +80,13 @@ NOT_A_POINT_LABEL = -1  # segment-anything's padding point: the learned not-a-po
 # element size): the fastest per prompt for vit_b on 2 CPU threads, 64 points. First tuned before the factored path:
 # 8 MiB (2 prompts fp32: 25 ms/prompt against 34 ms unchunked; 4 bf16: 11.8 against 19.7 ms); with it (interleaved
 # medians, ms per prompt): fp32 8 / 16 / 24 MiB 16.8 / 14.9 / 14.3, bf16 10.3 / 9.0 / 9.6; unfactored fp32 8 / 16 MiB
-# 20.0 / 19.1
+# 20.0 / 19.1; re-tuned in the automatic mask generator (2 workers of 1 thread, 32x32 grid, decode stage, 3 interleaved
+# rounds) once the upscaling ran in pieces: bf16 12 / 16 / 24 MiB 8.5 / 8.2 / 7.9 s, fp32 16 / 24 MiB 14.0 / 13.4 s
+DECODE_CHUNK_BYTES = 24 << 20
+# ... and upscale them a few rows at a time (bytes of upscaled features, (h*w*16, hidden/8) per row): a whole chunk's
+# (32 MiB for vit_b at 16 MiB of states) crossed glibc's mmap ceiling (32 MiB), so every chunk page-faulted its
+# fresh output (1-3 GB per 32x32 grid); 1 thread, 32 points, bf16: 18.0 -> 15.3 ms per prompt
 UPSCALE_PIECE_BYTES = 8 << 20
-DECODE_CHUNK_BYTES = 16 << 20
 
 
 class HfVlSamPositionalEmbedding(HfVlRandomFourierPositionEmbedding):
