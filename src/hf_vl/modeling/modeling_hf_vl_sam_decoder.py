@@ -43,11 +43,11 @@ Deviations from the original:
   the selected ones are computed (the original computes all four and slices), and the final token->image attention
   runs only for the IoU and selected mask tokens (the prompt tokens' outputs are never read; attention rows are
   independent, so the rows kept are unchanged).
-- In inference (autograd off) prompts decode in chunks of ``DECODE_CHUNK_BYTES`` of image states, each prompt's
-  arithmetic unchanged (cache-sized working sets on the CPU), written into one output; the cached first-layer work
-  is looked up once per call. On the CPU inference fast path the folded cross-attentions' products against the h*w
-  image states are oneDNN GEMMs (``modeling_hf_vl_sam_two_way._products``); the hypernetwork's product is a ``bmm``
-  (``_mask_product``).
+- In inference (autograd off) prompts decode in chunks of ``DECODE_CHUNK_BYTES`` of image states, and upscale in
+  pieces of ``UPSCALE_PIECE_BYTES``, each prompt's arithmetic unchanged (cache-sized working sets on the CPU, no
+  allocation past glibc's mmap ceiling), written into one output; the cached first-layer work is looked up once per
+  call. On the CPU inference fast path the folded cross-attentions' products against the h*w image states are oneDNN
+  GEMMs (``modeling_hf_vl_sam_two_way._products``); the hypernetwork's product is a ``bmm`` (``_mask_product``).
 - The masks' 4x4 sub-pixel blocks are laid out by a copy that moves pairs of neighbouring pixels as one integer
   (``_unshuffle_masks``); bf16/fp16 softmaxes on the CPU run on the logits as they are (PyTorch computes them in fp32
   internally, ``modeling_hf_vl_sam_two_way._softmax``) instead of on an fp32 copy.
@@ -555,7 +555,7 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
         (:data:`UPSCALE_PIECE_BYTES`)."""
         source = image_states if first is None else first
         rows, positions = source.shape[:2]
-        per_row = positions * 16 * (self.upscale_conv2.out_channels) * source.element_size()
+        per_row = positions * 16 * self.upscale_conv2.out_channels * source.element_size()
         piece = max(1, UPSCALE_PIECE_BYTES // per_row)
         if rows <= piece or torch.is_grad_enabled():
             return _mask_product(hyper_in, self.upscale(image_states, first).flatten(1, 2))
