@@ -85,7 +85,7 @@ NOT_A_POINT_LABEL = -1  # segment-anything's padding point: the learned not-a-po
 DECODE_CHUNK_BYTES = 24 << 20
 # ... and upscale them a few rows at a time (bytes of upscaled features, (h*w*16, hidden/8) per row): a whole chunk's
 # (32 MiB for vit_b at 16 MiB of states) crossed glibc's mmap ceiling (32 MiB), so every chunk page-faulted its
-# fresh output (1-3 GB per 32x32 grid); 1 thread, 32 points, bf16: 18.0 -> 15.3 ms per prompt
+# fresh output (0.2-3.9 GB per 32x32 grid); 1 thread, 32 points, bf16: 18.0 -> 15.3 ms per prompt
 UPSCALE_PIECE_BYTES = 8 << 20
 
 
