@@ -552,12 +552,13 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
 
     def _upscaled_products(self, image_states, hyper_in, first=None) -> torch.Tensor:
         """:meth:`upscale` times the hypernetwork outputs (rows, masks, h*w*16), a few rows at a time at inference
-        (:data:`UPSCALE_PIECE_BYTES`)."""
+        (:data:`UPSCALE_PIECE_BYTES`; whole under autograd, tracing and compilation: no loop frozen into a graph)."""
         source = image_states if first is None else first
         rows, positions = source.shape[:2]
         per_row = positions * 16 * self.upscale_conv2.out_channels * source.element_size()
         piece = max(1, UPSCALE_PIECE_BYTES // per_row)
-        if rows <= piece or torch.is_grad_enabled():
+        whole = torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if rows <= piece or whole:
             return _mask_product(hyper_in, self.upscale(image_states, first).flatten(1, 2))
         out = hyper_in.new_empty(rows, hyper_in.shape[1], positions * 16)
         for start in range(0, rows, piece):
