@@ -272,12 +272,12 @@ def _unshuffle_masks(blocks: torch.Tensor, out: torch.Tensor | None = None) -> t
     return out
 
 
-def _mask_product(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
-    """hyper_in (rows, masks, c) x upscaled (rows, pixels, c) -> (rows, masks, pixels). ``bmm`` reads the transposed
-    operand as it is; here (3 masks, 32 channels, 65536 pixels) it beats a oneDNN GEMM taking the pixels as its weight
-    (:func:`.modeling_hf_vl_sam_two_way._products`), which reorders that 8 MB operand first: 0.46 -> 0.30 ms per fp32
-    prompt, 0.19 -> 0.14 ms bf16 (2 threads)."""
-    return torch.bmm(hyper_in, upscaled.transpose(1, 2))
+def _mask_product(hyper_in: torch.Tensor, upscaled: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """hyper_in (rows, masks, c) x upscaled (rows, pixels, c) -> (rows, masks, pixels), into ``out`` when given
+    (contiguous). ``bmm`` reads the transposed operand as it is; here (3 masks, 32 channels, 65536 pixels) it beats a
+    oneDNN GEMM taking the pixels as its weight (:func:`.modeling_hf_vl_sam_two_way._products`), which reorders that
+    8 MB operand first: 0.46 -> 0.30 ms per fp32 prompt, 0.19 -> 0.14 ms bf16 (2 threads)."""
+    return torch.bmm(hyper_in, upscaled.transpose(1, 2), out=out)
 
 
 def _check_iou_threshold(threshold, training: bool) -> None:
@@ -565,7 +565,7 @@ class HfVlSamMaskDecoder(HfVlFastLinearModule):
             part = slice(start, start + piece)
             upscaled = self.upscale(None if image_states is None else image_states[part],
                                     None if first is None else first[part])  # fmt: skip
-            torch.bmm(hyper_in[part], upscaled.flatten(1, 2).transpose(1, 2), out=out[part])
+            _mask_product(hyper_in[part], upscaled.flatten(1, 2), out=out[part])
         return out
 
     def forward(
