@@ -210,6 +210,45 @@ def test_window_partition_round_trip_with_padding():
     torch.testing.assert_close(window_unpartition(windows, 3, padded, (8, 7)), states, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("window_size, qkv_bias", [(3, True), (4, True), (3, False), (5, False)])
+def test_windowed_blocks_attend_the_grid_as_the_padded_windows(monkeypatch, window_size, qkv_bias):
+    """At inference the windowed blocks project q/k/v on the grid's cells and give the windows' padding cells the
+    projections' biases: the same embedding as padding the normalised grid with zeros (fp32: exactly), with and
+    without padding (grid 8: windows of 3 and 5 pad, of 4 do not), with and without q/k/v biases."""
+    from hf_vl.modeling.modeling_hf_vl_sam_vision import HfVlSamVisionAttention
+
+    config = tiny_sam_config()
+    config.vision_config.window_size, config.vision_config.qkv_bias = window_size, qkv_bias
+    torch.manual_seed(0)
+    model = HfVlSamModel(config).eval()
+    with torch.no_grad():  # non-zero relative position tables and biases, so padding cells matter
+        for name, param in model.vision_encoder.named_parameters():
+            if "rel_pos" in name or name.endswith("proj.bias"):
+                param.normal_()
+    calls = []
+    original = HfVlSamVisionAttention._attend_grid
+
+    def spy(self, *args):
+        calls.append(args[1])
+        return original(self, *args)
+
+    monkeypatch.setattr(HfVlSamVisionAttention, "_attend_grid", spy)
+    pixels = tiny_pixels(2)
+    for dtype, tolerance in ((torch.float32, 0.0), (torch.bfloat16, 0.05)):
+        model.to(dtype)
+        with torch.no_grad():
+            grid = model.get_image_embeddings(pixels)
+            assert calls == [window_size], "the windowed block did not take the grid path"
+            with monkeypatch.context() as patch:
+                patch.setattr(HfVlSamVisionAttention, "can_attend_grid", lambda self, grid, residual: False)
+                padded = model.get_image_embeddings(pixels)
+        torch.testing.assert_close(grid.float(), padded.float(), atol=tolerance, rtol=tolerance)
+        calls.clear()
+    with torch.enable_grad():  # under autograd the windows are partitioned as in the original
+        model.float().get_image_embeddings(pixels).sum().backward()
+    assert calls == []
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_exactly_one_of_pixels_and_embeddings(model, embeddings):
     with pytest.raises(ValueError, match="exactly one of pixel_values and image_embeddings"):

@@ -29,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hf_vl_sam import HfVlSamVisionConfig
 from .hf_vl_attention import HfVlAttention, eager_attention_forward
-from .hf_vl_mlp import HfVlMlp, can_fuse_linear, fused_linear
+from .hf_vl_mlp import HfVlMlp, can_fuse_linear, can_fuse_residual, fused_linear
 
 
 class HfVlSamLayerNorm2d(nn.LayerNorm):
@@ -66,6 +66,27 @@ def window_unpartition(
     hidden_states = windows.view(batch, rows, cols, window_size, window_size, channels).permute(0, 1, 3, 2, 4, 5)
     hidden_states = hidden_states.reshape(batch, padded[0], padded[1], channels)
     return hidden_states[:, : size[0], : size[1]]
+
+
+def _window_slabs(size: int, window_size: int) -> list[tuple[int, int, int]]:
+    """One axis of a grid cut into windows: (first window, number of windows, cells per window) for the full windows
+    and, when the side does not divide, the last, partial one."""
+    full, rest = divmod(size, window_size)
+    return ([(0, full, window_size)] if full else []) + ([(full, 1, rest)] if rest else [])
+
+
+def copy_grid_windows(grid: torch.Tensor, windows: torch.Tensor, to_windows: bool) -> None:
+    """Copy between a (batch, h, w, ...) grid and its (batch, rows, cols, ws, ws, ...) windows (either may be a
+    strided view), one rectangular slab of whole windows at a time; the windows' padding cells are not touched."""
+    window_size = windows.shape[3]
+    for row, rows, height in _window_slabs(grid.shape[1], window_size):
+        for col, cols, width in _window_slabs(grid.shape[2], window_size):
+            top, left = row * window_size, col * window_size
+            slab = grid[:, top : top + rows * height, left : left + cols * width]
+            # (batch, rows * height, cols * width, ...) -> (batch, rows, cols, height, width, ...)
+            slab = slab.unflatten(2, (cols, width)).unflatten(1, (rows, height)).transpose(2, 3)
+            cells = windows[:, row : row + rows, col : col + cols, :height, :width]
+            (cells if to_windows else slab).copy_(slab if to_windows else cells)
 
 
 def get_relative_positions(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -134,11 +155,61 @@ class HfVlSamVisionAttention(HfVlAttention):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * side - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * side - 1, self.head_dim))
 
+    def can_attend_grid(self, grid: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether :meth:`forward` may take the (batch, h, w, hidden) grid itself (``grid_window``): CPU inference
+        with SDPA and oneDNN's fused linears, autograd off."""
+        return (
+            self.config._attn_implementation == "sdpa"
+            and not torch.is_grad_enabled()
+            and (not self.training or self.dropout == 0.0)
+            and can_fuse_linear(grid, *self._qkv_params(), self.out_proj.weight, self.out_proj.bias)
+            and can_fuse_residual(residual, grid, self.out_proj.out_features)
+        )
+
+    def _attend_grid(self, grid: torch.Tensor, window_size: int, residual: torch.Tensor,
+                     workspace: dict | None) -> torch.Tensor:  # fmt: skip
+        """``residual`` + windowed attention over the (batch, h, w, hidden) ``grid``, without a padded grid: q/k/v
+        are projected on the h*w cells only and copied into the windows, whose padding cells take the projections'
+        biases (what the original's zero padding projects to, exactly); the output is copied back to the cells,
+        projected there, and the residual added in the same oneDNN call. The window partition of the normalised
+        input, its padding, the per-tensor head folds, two output transposes and the un-partition were each a copy
+        (vit_b bf16: the 8 windowed blocks ~0.3 s of a ~4.2 s encoder, see the SAM card)."""
+        batch, height, width, hidden = grid.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        rows, cols = -(-height // window_size), -(-width // window_size)
+        weight, bias = self.fast_weights("qkv", (self.q_proj, self.k_proj, self.v_proj), batch * height * width)
+        qkv = fused_linear(grid.reshape(batch, height * width, hidden), weight, bias)
+        # (3, batch, rows, cols, heads, ws, ws, head_dim): SDPA's (batch, windows * heads, ws * ws, head_dim) x 3
+        states = qkv.new_empty(3, batch, rows, cols, heads, window_size, window_size, head_dim)
+        windows = states.permute(1, 2, 3, 5, 6, 0, 4, 7)  # (batch, rows, cols, ws, ws, 3, heads, head_dim)
+        copy_grid_windows(qkv.view(batch, height, width, 3, heads, head_dim), windows, to_windows=True)
+        fill = qkv.new_zeros(3 * hidden) if bias is None else bias
+        fill = fill.view(3, heads, head_dim)
+        if rows * window_size > height:  # the last row of windows: cells below the grid
+            windows[:, -1, :, height - (rows - 1) * window_size :] = fill
+        if cols * window_size > width:  # the last column of windows: cells right of the grid
+            windows[:, :, -1, :, width - (cols - 1) * window_size :] = fill
+        query, key, value = states.view(3, batch, rows * cols * heads, window_size * window_size, head_dim).unbind(0)
+        mask = decomposed_relative_position_bias(query, self.rel_pos_h, self.rel_pos_w, (window_size, window_size),
+                                                 workspace)  # fmt: skip
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype), scale=self.scaling)
+        # (batch, rows * cols * heads, ws * ws, head_dim) -> windows (batch, rows, cols, ws, ws, heads, head_dim)
+        output = output.unflatten(2, (window_size, window_size)).unflatten(1, (rows, cols, heads))
+        cells = output.new_empty(batch, height, width, heads, head_dim)
+        copy_grid_windows(cells, output.permute(0, 1, 2, 4, 5, 3, 6), to_windows=False)
+        weight, bias = self.fast_weights("out", (self.out_proj,), batch * height * width)
+        return fused_linear(cells.view(batch, height, width, hidden), weight, bias, residual=residual)
+
     def forward(
-        self, hidden_states: torch.Tensor, rel_pos_workspace: dict | None = None, **kwargs
+        self, hidden_states: torch.Tensor, rel_pos_workspace: dict | None = None, grid_window: int = 0,
+        residual: torch.Tensor | None = None, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``rel_pos_workspace``: buffers for the bias mask shared by the blocks of one encoder call (see
-        :func:`decomposed_relative_position_bias`)."""
+        :func:`decomposed_relative_position_bias`). ``grid_window`` (only where :meth:`can_attend_grid`):
+        ``hidden_states`` is the (batch, h, w, hidden) grid, attended in windows of this size, and the output is
+        ``residual`` plus the attention's, on the grid (weights: None, as with SDPA)."""
+        if grid_window:
+            return self._attend_grid(hidden_states, grid_window, residual, rel_pos_workspace), None
         batch, windows, length, hidden = hidden_states.shape
         flat = hidden_states.reshape(batch, windows * length, hidden)
         fast = can_fuse_linear(flat, *self._qkv_params(), self.out_proj.weight, self.out_proj.bias)
@@ -190,6 +261,9 @@ class HfVlSamVisionLayer(GradientCheckpointingLayer):
         """hidden_states: (batch, h, w, hidden). Returns the same shape."""
         batch, height, width, hidden = hidden_states.shape
         normed = self.layer_norm1(hidden_states)
+        if self.window_size > 0 and self.self_attn.can_attend_grid(normed, hidden_states):
+            hidden_states, _ = self.self_attn(normed, grid_window=self.window_size, residual=hidden_states, **kwargs)
+            return self.mlp(self.layer_norm2(hidden_states), residual=hidden_states)
         if self.window_size > 0:
             windows, padded = window_partition(normed, self.window_size)
         else:
