@@ -2,7 +2,15 @@
 
 Importing the package registers every hf_vl config, model, image processor and processor with transformers'
 Auto classes (``model_type = "hf_vl_<arch>"``), so ``AutoModel.from_pretrained(dir)`` and ``pipeline(...)`` work.
+
+Importing it also asks PyTorch's CPU allocator for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, unless set or
+``HF_VL_MALLOC_TUNING=0``; see :mod:`hf_vl.modeling.hf_vl_cpu_memory`): effective when nothing has allocated CPU
+tensors yet in the process.
 """
+
+from .modeling.hf_vl_cpu_memory import request_huge_pages
+
+request_huge_pages()
 
 from .modeling.configuration_hf_vl_vit import VIT_VARIANTS, HfVlVitConfig, vit_variant_config
 from .modeling.modeling_hf_vl_vit import HfVlVitForImageClassification, HfVlVitModel, HfVlVitPreTrainedModel

@@ -10,6 +10,14 @@ allocations up to 32 MiB (larger ones are still mapped and unmapped on demand, e
 up to 128 MiB of free heap kept, 32 MiB extra requested on growth. They are process-wide, like
 ``torch.set_num_threads``: applied once, when the first hf_vl model is built, only with glibc on Linux, not when the
 user has tuned malloc (``GLIBC_TUNABLES`` or ``MALLOC_*`` in the environment), and not with ``HF_VL_MALLOC_TUNING=0``.
+
+Huge pages: :func:`request_huge_pages` sets PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (CPU allocations of 2 MiB and more
+aligned to 2 MiB and advised ``MADV_HUGEPAGE``) when hf_vl is imported. Where the kernel grants transparent huge
+pages only on request (``madvise``, a common default), the multi-MB tensors of SAM's encoder and decoder otherwise
+take one page fault and one TLB entry per 4 KiB: the automatic mask generator (vit_b, bf16, 32x32 grid) page-faulted
+~1 GB per image and took 14.2 s (median of 6 runs, alternating processes) against 13.6 s with huge pages, peak
+memory unchanged (4.3 / 4.1 GB). PyTorch reads the variable once, at its first CPU allocation: set after that it
+does nothing, and it is left alone when already set or with ``HF_VL_MALLOC_TUNING=0``.
 """
 
 from __future__ import annotations
@@ -50,4 +58,31 @@ def keep_freed_cpu_memory() -> bool:
     return _applied
 
 
-__all__ = ["MALLOC_SETTINGS", "keep_freed_cpu_memory"]
+THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``; None: unknown)."""
+    try:
+        with open(THP_MODE_FILE) as file:
+            text = file.read()
+    except OSError:
+        return None
+    chosen = [word[1:-1] for word in text.split() if word.startswith("[") and word.endswith("]")]
+    return chosen[0] if chosen else None
+
+
+def request_huge_pages() -> bool:
+    """Set ``THP_MEM_ALLOC_ENABLE=1`` for PyTorch's CPU allocator (see the module docstring) unless it is set
+    already, the user opted out (``HF_VL_MALLOC_TUNING=0``), or the kernel does not grant huge pages on request
+    (not Linux, ``never``, or unknown). Whether it was set; effective only before PyTorch's first CPU allocation."""
+    if THP_VARIABLE in os.environ or os.environ.get("HF_VL_MALLOC_TUNING", "1") == "0":
+        return False
+    if not sys.platform.startswith("linux") or _thp_mode() not in ("always", "madvise"):
+        return False
+    os.environ[THP_VARIABLE] = "1"
+    return True
+
+
+__all__ = ["MALLOC_SETTINGS", "THP_VARIABLE", "keep_freed_cpu_memory", "request_huge_pages"]
