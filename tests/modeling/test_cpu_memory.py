@@ -143,7 +143,8 @@ def test_importing_hf_vl_gives_large_tensors_huge_pages(opt_out):
         print(os.environ.get("THP_MEM_ALLOC_ENABLE"), faults < 4096)
         """
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "HF_VL_MALLOC_TUNING")}
+    unset = ("THP_MEM_ALLOC_ENABLE", "HF_VL_MALLOC_TUNING")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in unset}
     if opt_out:
         env["HF_VL_MALLOC_TUNING"] = "0"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

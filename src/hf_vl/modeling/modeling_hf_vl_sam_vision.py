@@ -15,6 +15,10 @@ Deviations from the original:
 - The neck's ``nn.Sequential`` (``neck.0`` ... ``neck.3``) has named modules ``conv1``, ``layer_norm1``, ``conv2``,
   ``layer_norm2``; block norms are ``layer_norm1``/``layer_norm2``, the MLP ``fc1``/``fc2``.
 - Input must be ``image_size`` square (the processor pads); other sizes raise instead of failing in the position add.
+- At inference (autograd off, SDPA, oneDNN's fused linears) a windowed block projects q/k/v on the grid's cells and
+  gives the windows' padding cells the projections' biases, which is what the original's zero padding projects to;
+  the output is projected on the cells, the residual added in the same call (:meth:`HfVlSamVisionAttention.
+  _attend_grid`).
 """
 
 from __future__ import annotations
