@@ -33,6 +33,11 @@ MALLOC_SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 128 << 20), 
 _applied: bool | None = None  # None: not tried yet in this process
 
 
+def _tuning_off() -> bool:
+    """Whether hf_vl leaves the process's memory settings alone: opted out (``HF_VL_MALLOC_TUNING=0``) or not Linux."""
+    return os.environ.get("HF_VL_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux")
+
+
 def _user_tuned_malloc() -> bool:
     return "GLIBC_TUNABLES" in os.environ or any(name.startswith("MALLOC_") for name in os.environ)
 
@@ -43,8 +48,7 @@ def keep_freed_cpu_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    opted_out = os.environ.get("HF_VL_MALLOC_TUNING", "1") == "0"
-    if opted_out or not sys.platform.startswith("linux") or _user_tuned_malloc():
+    if _tuning_off() or _user_tuned_malloc():
         return False
     try:
         libc = ctypes.CDLL(None)
@@ -77,9 +81,7 @@ def request_huge_pages() -> bool:
     """Set ``THP_MEM_ALLOC_ENABLE=1`` for PyTorch's CPU allocator (see the module docstring) unless it is set
     already, the user opted out (``HF_VL_MALLOC_TUNING=0``), or the kernel does not grant huge pages on request
     (not Linux, ``never``, or unknown). Whether it was set; effective only before PyTorch's first CPU allocation."""
-    if THP_VARIABLE in os.environ or os.environ.get("HF_VL_MALLOC_TUNING", "1") == "0":
-        return False
-    if not sys.platform.startswith("linux") or _thp_mode() not in ("always", "madvise"):
+    if THP_VARIABLE in os.environ or _tuning_off() or _thp_mode() not in ("always", "madvise"):
         return False
     os.environ[THP_VARIABLE] = "1"
     return True
