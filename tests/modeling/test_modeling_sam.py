@@ -5,6 +5,7 @@ against cached embeddings, the cached dense positional encoding, input validatio
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -421,8 +422,8 @@ def test_box_corner_labels_embed_like_boxes(model):
 
 
 def test_encoder_blocks_share_one_bias_mask_buffer_without_autograd(monkeypatch):
-    """Blocks of the same attention shape write their relative-position mask into one buffer per call (autograd off):
-    the same embedding as with a fresh mask per block, and the buffer is really shared."""
+    """All blocks write their relative-position mask into the front of one buffer per call (autograd off): the same
+    embedding as with a fresh mask per block, and the buffer is really shared, windowed and global blocks alike."""
     import hf_vl.modeling.modeling_hf_vl_sam_vision as vision
 
     config = tiny_sam_config()
@@ -450,12 +451,47 @@ def test_encoder_blocks_share_one_bias_mask_buffer_without_autograd(monkeypatch)
         masks.clear()
         shared = model.get_image_embeddings(pixels)
     torch.testing.assert_close(shared, fresh, atol=0, rtol=0)
-    windowed, global_ = masks[0::2], masks[1::2]
-    assert windowed[0] == windowed[1] and global_[0] == global_[1], masks  # same shape, same buffer
-    assert windowed[0][0] != global_[0][0]
+    assert len({shape for shape, _ in masks}) == 2  # windowed, global, windowed, global: two mask shapes ...
     workspace = workspaces[-1]
-    assert all(w is workspace for w in workspaces[-4:]) and len(workspace) == 2  # one buffer per mask shape
-    assert {ptr for _, ptr in masks} == {buffer.data_ptr() for buffer in workspace.values()}
+    assert all(w is workspace for w in workspaces[-4:]) and len(workspace) == 1  # ... one buffer (one dtype),
+    (buffer,) = workspace.values()
+    assert buffer.numel() == max(math.prod(shape) for shape, _ in masks)
+    # replaced once by a larger one when the first global block needs it, then shared by every block
+    assert [ptr for _, ptr in masks[1:]] == [buffer.data_ptr()] * 3 != [masks[0][1]] * 3
+
+
+def test_encoder_keeps_a_callers_bias_mask_buffer_between_calls():
+    """``rel_pos_workspace``: the caller's dict keeps the mask buffer across calls (reused, grown for a larger batch,
+    replaced where an inference-mode one cannot be written), the embeddings those of the default fresh buffer; with
+    autograd on it is left alone; anything but a dict is a TypeError."""
+    config = tiny_sam_config()
+    config.vision_config.num_hidden_layers, config.vision_config.global_attn_indexes = 2, [1]
+    model = HfVlSamModel(config).eval()
+    with torch.no_grad():
+        for layer in model.vision_encoder.layers:
+            layer.self_attn.rel_pos_h.normal_()
+            layer.self_attn.rel_pos_w.normal_()
+    pixels, workspace, key = tiny_pixels(2), {}, (torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        # batches of one and of two images: their products are blocked differently, so each has its own reference
+        fresh = [model.get_image_embeddings(pixels[i : i + 1]) for i in (0, 1)], model.get_image_embeddings(pixels)
+        assert model.get_image_embeddings(pixels[:1], rel_pos_workspace=workspace).equal(fresh[0][0])
+        buffer = workspace[key]
+        assert len(workspace) == 1
+        assert model.get_image_embeddings(pixels[1:], rel_pos_workspace=workspace).equal(fresh[0][1])
+        assert workspace[key] is buffer  # reused, not mapped again
+        assert model.get_image_embeddings(pixels, rel_pos_workspace=workspace).equal(fresh[1])
+        assert workspace[key].numel() == 2 * buffer.numel()  # grown for 2 images
+    with torch.inference_mode():
+        workspace[key] = torch.empty(10**6)  # large enough, but an inference tensor ...
+    with torch.no_grad():
+        assert model.get_image_embeddings(pixels[:1], rel_pos_workspace=workspace).equal(fresh[0][0])
+    assert not workspace[key].is_inference()  # ... so replaced
+    untouched = {}
+    model.get_image_embeddings(pixels[:1], rel_pos_workspace=untouched)  # autograd on: no buffer
+    assert untouched == {}
+    with pytest.raises(TypeError, match="rel_pos_workspace must be a dict"):
+        model.get_image_embeddings(pixels[:1], rel_pos_workspace=[])
 
 
 @pytest.mark.parametrize("mask_prompt", [False, True])

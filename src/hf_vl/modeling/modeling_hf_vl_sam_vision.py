@@ -23,6 +23,7 @@ Deviations from the original:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -116,9 +117,10 @@ def decomposed_relative_position_bias(
     """MViTv2's decomposed relative position bias as an additive attention mask.
 
     query: (batch, heads, h * w, head_dim), unscaled. Returns (batch, heads, h * w, h * w):
-    ``bias[q, k] = q . Rh[q_row, k_row] + q . Rw[q_col, k_col]``. ``workspace``: a dict whose buffer of the same
-    shape the mask is written into (autograd off only): a global block's mask is hundreds of MB, and a fresh one is
-    a fresh mapping whose page faults cost ~4x the sum itself here (bench_sam, bf16)."""
+    ``bias[q, k] = q . Rh[q_row, k_row] + q . Rw[q_col, k_col]``. ``workspace``: a dict holding one flat buffer
+    per dtype and device that the mask is written into (autograd off only; :func:`workspace_buffer`): a global
+    block's mask is hundreds of MB, and a fresh one is a fresh mapping whose page faults cost ~4x the sum itself
+    here (bench_sam, bf16)."""
     batch, heads, length, head_dim = query.shape
     height, width = size
     r_h = get_relative_positions(height, height, rel_pos_h)  # (h, h, d)
@@ -130,14 +132,25 @@ def decomposed_relative_position_bias(
     bias_w = torch.einsum("bhwc,wkc->bhwk", grid_query, r_w).contiguous()  # (B*heads, h, w, k_w)
     # (B*heads, h, w, k_h, 1) + (B*heads, h, w, 1, k_w) -> (batch, heads, h*w, k_h*k_w)
     shape = (batch * heads, height, width, height, width)
-    key = (shape, bias_h.dtype, bias_h.device)
     if workspace is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         bias = bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]
     else:
-        if key not in workspace:
-            workspace[key] = bias_h.new_empty(shape)
-        bias = torch.add(bias_h[:, :, :, :, None], bias_w[:, :, :, None, :], out=workspace[key])
+        bias = torch.add(bias_h[:, :, :, :, None], bias_w[:, :, :, None, :], out=workspace_buffer(workspace, shape,
+                                                                                                  bias_h))  # fmt: skip
     return bias.reshape(batch, heads, length, length)
+
+
+def workspace_buffer(workspace: dict, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor of ``like``'s dtype and device, viewing the front of ``workspace``'s flat
+    buffer for them, which is replaced by a larger one when too small. One buffer serves every block's mask, as
+    each is consumed by its block's attention before the next block writes one; kept across calls (the automatic
+    mask generator's workspace), it is mapped once rather than once per image."""
+    key, numel = (like.dtype, like.device), math.prod(shape)
+    flat = workspace.get(key)
+    # an inference tensor (made under inference_mode) cannot be written outside it: then a new one
+    if flat is None or flat.numel() < numel or (flat.is_inference() and not torch.is_inference_mode_enabled()):
+        workspace[key] = flat = like.new_empty(numel)
+    return flat[:numel].view(shape)
 
 
 class HfVlSamVisionAttention(HfVlAttention):
@@ -313,18 +326,26 @@ class HfVlSamVisionEncoder(nn.Module):
         )
         self.neck = HfVlSamVisionNeck(config)
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """pixel_values: (batch, channels, image_size, image_size). Returns (batch, output_channels, grid, grid)."""
+    def forward(self, pixel_values: torch.Tensor, rel_pos_workspace: dict | None = None, **kwargs) -> torch.Tensor:
+        """pixel_values: (batch, channels, image_size, image_size). Returns (batch, output_channels, grid, grid).
+
+        ``rel_pos_workspace``: a dict, owned by the caller, in which the blocks' bias-mask buffer stays between calls
+        (autograd off only; :func:`workspace_buffer`). It then keeps the largest mask resident (vit_b: 12 x 4096^2
+        elements per image, 400 MB in bf16), and spares every later call mapping it afresh (~0.35 s of page faults
+        per image in automatic masks, bf16, on this project's CPU: see the SAM card). Default: a new buffer per call,
+        freed when it returns."""
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) (resized and "
                 f"padded by the image processor), got {tuple(pixel_values.shape)}"
             )
+        if rel_pos_workspace is not None and not isinstance(rel_pos_workspace, dict):
+            raise TypeError(f"rel_pos_workspace must be a dict or None, got {type(rel_pos_workspace).__name__}")
         # (batch, hidden, grid, grid) -> (batch, grid, grid, hidden): the blocks work channels-last on the grid
         hidden_states = self.patch_embedding(pixel_values).permute(0, 2, 3, 1) + self.position_embedding
-        # one bias-mask buffer per shape for this call's blocks (autograd off only), freed when the call returns
-        workspace = None if torch.is_grad_enabled() else {}
+        # one bias-mask buffer for this call's blocks (autograd off only), the caller's or freed when the call returns
+        workspace = None if torch.is_grad_enabled() else {} if rel_pos_workspace is None else rel_pos_workspace
         for layer in self.layers:
             hidden_states = layer(hidden_states, rel_pos_workspace=workspace, **kwargs)
         return self.neck(hidden_states.permute(0, 3, 1, 2))
