@@ -451,19 +451,21 @@ def test_encoder_blocks_share_one_bias_mask_buffer_without_autograd(monkeypatch)
         masks.clear()
         shared = model.get_image_embeddings(pixels)
     torch.testing.assert_close(shared, fresh, atol=0, rtol=0)
-    assert len({shape for shape, _ in masks}) == 2  # windowed, global, windowed, global: two mask shapes ...
+    # windowed (both images at once), global (one image at a time, twice), windowed, global x 2: two mask shapes ...
+    assert [shape[0] for shape, _ in masks] == [2, 1, 1, 2, 1, 1] and len({shape for shape, _ in masks}) == 2
     workspace = workspaces[-1]
-    assert all(w is workspace for w in workspaces[-4:]) and len(workspace) == 1  # ... one buffer (one dtype),
+    assert all(w is workspace for w in workspaces[-6:]) and len(workspace) == 1  # ... one buffer (one dtype),
     (buffer,) = workspace.values()
     assert buffer.numel() == max(math.prod(shape) for shape, _ in masks)
     # replaced once by a larger one when the first global block needs it, then shared by every block
-    assert [ptr for _, ptr in masks[1:]] == [buffer.data_ptr()] * 3 != [masks[0][1]] * 3
+    assert [ptr for _, ptr in masks[1:]] == [buffer.data_ptr()] * 5 != [masks[0][1]] * 5
 
 
 def test_encoder_keeps_a_callers_bias_mask_buffer_between_calls():
-    """``rel_pos_workspace``: the caller's dict keeps the mask buffer across calls (reused, grown for a larger batch,
-    replaced where an inference-mode one cannot be written), the embeddings those of the default fresh buffer; with
-    autograd on it is left alone; anything but a dict is a TypeError."""
+    """``rel_pos_workspace``: the caller's dict keeps the mask buffer across calls (reused, one image's for a batch,
+    replaced where too small or where an inference-mode one cannot be written), the embeddings those of the default
+    fresh buffer and, for a batch, of the whole batch attended at once; with autograd on it is left alone; anything
+    but a dict is a TypeError."""
     config = tiny_sam_config()
     config.vision_config.num_hidden_layers, config.vision_config.global_attn_indexes = 2, [1]
     model = HfVlSamModel(config).eval()
@@ -481,7 +483,11 @@ def test_encoder_keeps_a_callers_bias_mask_buffer_between_calls():
         assert model.get_image_embeddings(pixels[1:], rel_pos_workspace=workspace).equal(fresh[0][1])
         assert workspace[key] is buffer  # reused, not mapped again
         assert model.get_image_embeddings(pixels, rel_pos_workspace=workspace).equal(fresh[1])
-        assert workspace[key].numel() == 2 * buffer.numel()  # grown for 2 images
+        assert workspace[key] is buffer  # a batch's blocks attend image by image: one image's mask
+        grown = model.get_image_embeddings(pixels, rel_pos_workspace={key: buffer[:9]})
+        assert grown.equal(fresh[1])  # a buffer too small is replaced
+    with torch.enable_grad():  # the whole batch at once (no workspace under autograd): the same to rounding
+        torch.testing.assert_close(model.get_image_embeddings(pixels), fresh[1], atol=1e-5, rtol=1e-5)
     with torch.inference_mode():
         workspace[key] = torch.empty(10**6)  # large enough, but an inference tensor ...
     with torch.no_grad():

@@ -217,6 +217,27 @@ class HfVlSamVisionAttention(HfVlAttention):
         weight, bias = self.fast_weights("out", (self.out_proj,), batch * height * width)
         return fused_linear(cells.view(batch, height, width, hidden), weight, bias, residual=residual)
 
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, workspace: dict | None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Attention of the folded (batch, windows * heads, len, head_dim) q/k/v with the relative-position mask,
+        through transformers' attention interface: (batch, len, windows * heads, head_dim) and the weights."""
+        bias = decomposed_relative_position_bias(query, self.rel_pos_h, self.rel_pos_w, (self.side, self.side),
+                                                 workspace)  # fmt: skip
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self,
+            query,
+            key,
+            value,
+            bias.to(query.dtype),
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+
     def forward(
         self, hidden_states: torch.Tensor, rel_pos_workspace: dict | None = None, grid_window: int = 0,
         residual: torch.Tensor | None = None, **kwargs,
@@ -238,23 +259,15 @@ class HfVlSamVisionAttention(HfVlAttention):
             return states.reshape(batch, windows * self.num_heads, length, self.head_dim)
 
         query, key, value = fold(query), fold(key), fold(value)
-        bias = decomposed_relative_position_bias(
-            query, self.rel_pos_h, self.rel_pos_w, (self.side, self.side), rel_pos_workspace
-        )
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            bias.to(query.dtype),
-            dropout=self.dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=False,
-            **kwargs,
-        )
+        if rel_pos_workspace is None or batch == 1:
+            attn_output, attn_weights = self._attend(query, key, value, rel_pos_workspace, **kwargs)
+        else:
+            # one image at a time: the mask is (windows * heads) x len^2 per image (a global block's: 400 MB in bf16),
+            # so a batch's peak memory and a kept workspace (the generator's) stay at one image's mask
+            pairs = [self._attend(*(t[i : i + 1] for t in (query, key, value)), rel_pos_workspace, **kwargs)
+                     for i in range(batch)]  # fmt: skip
+            attn_output = torch.cat([output for output, _ in pairs])
+            attn_weights = None if pairs[0][1] is None else torch.cat([weights for _, weights in pairs])
         # (batch, len, windows * heads, d) -> (batch, len, windows, heads * d) -> (batch, windows, len, hidden)
         attn_output = attn_output.reshape(batch, length, windows, hidden).transpose(1, 2)
         if fast:
@@ -330,10 +343,10 @@ class HfVlSamVisionEncoder(nn.Module):
         """pixel_values: (batch, channels, image_size, image_size). Returns (batch, output_channels, grid, grid).
 
         ``rel_pos_workspace``: a dict, owned by the caller, in which the blocks' bias-mask buffer stays between calls
-        (autograd off only; :func:`workspace_buffer`). It then keeps the largest mask resident (vit_b: 12 x 4096^2
-        elements per image, 400 MB in bf16), and spares every later call mapping it afresh (~0.35 s of page faults
-        per image in automatic masks, bf16, on this project's CPU: see the SAM card). Default: a new buffer per call,
-        freed when it returns."""
+        (autograd off only; :func:`workspace_buffer`). It then keeps the largest mask resident (vit_b's global
+        blocks: 12 x 4096^2 elements, 400 MB in bf16; one image's whatever the batch, as the blocks then attend image
+        by image), and spares every later call mapping it afresh (~0.45 s of page faults per image in automatic masks,
+        bf16, on this project's CPU: see the SAM card). Default: a new buffer per call, freed when it returns."""
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(

@@ -115,9 +115,9 @@ class HfVlSamAutomaticMaskGenerator:
     the sequential ones to rounding. The first batch of a crop runs alone (it fills the model's caches).
 
     Memory: with hf_vl's SAM the generator keeps the image encoder's attention-mask buffer between calls (the
-    largest intermediate of an encoder call: vit_b, 400 MB per image of an encoder batch in bf16, 800 MB in fp32),
-    so that each image does not map it afresh (automatic masks, vit_b, bf16: ~0.35 s of page faults per image on
-    this project's CPU). It is freed with the generator.
+    largest intermediate of an encoder call, one image's whatever ``image_batch_size``: vit_b, 400 MB in bf16, 800
+    MB in fp32), so that each image does not map it afresh (automatic masks, vit_b, bf16: ~0.45 s of page faults per
+    image on this project's CPU). It is freed with the generator.
     """
 
     def __init__(
