@@ -345,8 +345,9 @@ class HfVlSamVisionEncoder(nn.Module):
         ``rel_pos_workspace``: a dict, owned by the caller, in which the blocks' bias-mask buffer stays between calls
         (autograd off only; :func:`workspace_buffer`). It then keeps the largest mask resident (vit_b's global
         blocks: 12 x 4096^2 elements, 400 MB in bf16; one image's whatever the batch, as the blocks then attend image
-        by image), and spares every later call mapping it afresh (~0.45 s of page faults per image in automatic masks,
-        bf16, on this project's CPU: see the SAM card). Default: a new buffer per call, freed when it returns."""
+        by image), and spares every later call mapping it afresh (up to ~0.45 s of page faults per image, bf16, on
+        this project's CPU, where the kernel must compact memory for huge pages: see the SAM card). Default: a new
+        buffer per call, freed when it returns."""
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(

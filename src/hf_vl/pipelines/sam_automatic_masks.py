@@ -116,8 +116,8 @@ class HfVlSamAutomaticMaskGenerator:
 
     Memory: with hf_vl's SAM the generator keeps the image encoder's attention-mask buffer between calls (the
     largest intermediate of an encoder call, one image's whatever ``image_batch_size``: vit_b, 400 MB in bf16, 800
-    MB in fp32), so that each image does not map it afresh (automatic masks, vit_b, bf16: ~0.45 s of page faults per
-    image on this project's CPU). It is freed with the generator.
+    MB in fp32), so that each image does not map it afresh (automatic masks, vit_b, bf16: up to ~0.45 s of page
+    faults per image on this project's CPU, where free huge pages are scarce). It is freed with the generator.
     """
 
     def __init__(
