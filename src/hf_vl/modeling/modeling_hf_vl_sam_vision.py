@@ -135,8 +135,8 @@ def decomposed_relative_position_bias(
     if workspace is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         bias = bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]
     else:
-        bias = torch.add(bias_h[:, :, :, :, None], bias_w[:, :, :, None, :], out=workspace_buffer(workspace, shape,
-                                                                                                  bias_h))  # fmt: skip
+        out = workspace_buffer(workspace, shape, bias_h)
+        bias = torch.add(bias_h[:, :, :, :, None], bias_w[:, :, :, None, :], out=out)
     return bias.reshape(batch, heads, length, length)
 
 
